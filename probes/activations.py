@@ -1,0 +1,243 @@
+"""Record activations of a hooked model at chosen hooks, layers and token positions.
+
+Only the requested layers x positions leave the device, gathered inside the hook as each layer runs, and the
+forward stops after the deepest requested layer. Means are accumulated in float64 while streaming, so a mean
+over any number of prompts never holds them all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from probes.chat import ROLE_ID, ChatBatch
+
+# Short hook names -> TransformerLens hook names (resid_pre of layer l is the input of block l).
+HOOKS: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+}
+_MEAN = re.compile(r"^\s*mean\(\s*([a-z_]+)\s*\)\s*$")
+
+PositionSpec = str | int | Sequence[str | int]
+
+
+def hook_name(hook: str, layer: int) -> str:
+    """The TransformerLens name of `hook` ('resid_post', or a template like 'blocks.{layer}.attn.hook_z')."""
+    template = HOOKS.get(hook, hook)
+    if "{layer}" not in template:
+        raise ValueError(f"unknown hook {hook!r}: use one of {list(HOOKS)} or a template with '{{layer}}'")
+    return template.format(layer=layer)
+
+
+def _split_specs(positions: PositionSpec) -> list[str | int]:
+    return list(positions) if isinstance(positions, (list, tuple)) else [positions]
+
+
+def position_weights(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.Tensor, list[str]]:
+    """`[batch, k, seq]` weights whose product with `[batch, seq, d]` activations gives the k chosen positions.
+
+    Index specs give one-hot rows; `"mean(role)"` gives the role's mask divided by its count.
+    """
+    rows, labels = [], []
+    for spec in _split_specs(positions):
+        m = _MEAN.match(spec) if isinstance(spec, str) else None
+        if m:
+            if m[1] not in ROLE_ID or m[1] == "pad":
+                raise ValueError(f"unknown role in {spec!r}")
+            mask = batch.role_mask(m[1]).float()
+            counts = mask.sum(-1, keepdim=True)
+            if bool((counts == 0).any()):
+                raise ValueError(f"{spec!r}: some prompts have no {m[1]!r} tokens")
+            rows.append((mask / counts)[:, None, :])
+            labels.append(f"mean({m[1]})")
+        else:
+            idx, labs = batch.positions(spec)
+            rows.append(torch.nn.functional.one_hot(idx, batch.seq_len).float())
+            labels += labs
+    return torch.cat(rows, dim=1), labels
+
+
+@dataclass
+class Activations:
+    """Recorded activations of one model on one ChatBatch.
+
+    `tensors[hook]`: `[prompt, layer, position, d_model]` float32 (None when recorded with `keep="mean"`);
+    `sums[hook]`: `[layer, position, d_model]` float64 running sums over `count` prompts.
+    """
+
+    hooks: list[str]
+    layers: list[int]
+    positions: list[str]
+    model: str
+    count: int
+    sums: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None = None
+    prompts: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The `[prompt, layer, position, d_model]` tensor of the only hook."""
+        if self.tensors is None:
+            raise ValueError("recorded with keep='mean': only means are available")
+        if len(self.hooks) != 1:
+            raise ValueError(f"several hooks recorded ({self.hooks}); use .tensors[hook]")
+        return self.tensors[self.hooks[0]]
+
+    def mean(self, hook: str | None = None) -> torch.Tensor:
+        """`[layer, position, d_model]` float64 mean over prompts."""
+        hook = hook or self._only_hook()
+        return self.sums[hook] / self.count
+
+    def _only_hook(self) -> str:
+        if len(self.hooks) != 1:
+            raise ValueError(f"several hooks recorded ({self.hooks}); name one")
+        return self.hooks[0]
+
+    def layer_index(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise ValueError(f"layer {layer} was not recorded (recorded: {self.layers})") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file (tensors + JSON metadata); no pickle involved."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {f"sum/{h}": s.contiguous() for h, s in self.sums.items()}
+        if self.tensors is not None:
+            data |= {f"tensor/{h}": t.contiguous() for h, t in self.tensors.items()}
+        meta = dict(hooks=self.hooks, layers=self.layers, positions=self.positions, model=self.model,
+                    count=self.count, prompts=self.prompts, meta=self.meta)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(data, str(tmp), metadata={"probes.activations": json.dumps(meta)})
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Activations:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("probes.activations")
+            if raw is None:
+                raise ValueError(f"{path} is not a probes activations file")
+            meta = json.loads(raw)
+            sums = {h: f.get_tensor(f"sum/{h}") for h in meta["hooks"]}
+            keys = set(f.keys())
+            tensors = {h: f.get_tensor(f"tensor/{h}") for h in meta["hooks"]} if f"tensor/{meta['hooks'][0]}" in keys else None
+        return cls(hooks=meta["hooks"], layers=meta["layers"], positions=meta["positions"], model=meta["model"],
+                   count=meta["count"], sums=sums, tensors=tensors, prompts=meta["prompts"], meta=meta["meta"])
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_fits(model: Any, batch: ChatBatch) -> None:
+    """Raise ValueError when the batch is longer than the model's context."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and batch.seq_len > n_ctx:
+        raise ValueError(f"batch is {batch.seq_len} tokens long, over the model's context of {n_ctx}")
+
+
+def forward(model: Any, batch: ChatBatch, *, return_type: str | None = "logits", **kwargs: Any) -> Any:
+    """One forward pass of `model` on `batch` (moved to the model's device), without autograd."""
+    device = model_device(model)
+    with torch.no_grad():
+        return model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                     return_type=return_type, **kwargs)
+
+
+def record(
+    model: Any,
+    batch: ChatBatch,
+    hooks: str | Sequence[str] = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    positions: PositionSpec = "post_instruction[-1]",
+    *,
+    batch_size: int = 16,
+    keep: str = "all",
+    progress: bool = True,
+    model_name: str | None = None,
+) -> Activations:
+    """Record `hooks` x `layers` x `positions` of `model` on `batch`.
+
+    positions: a spec understood by `ChatBatch.positions` (`"post_instruction[-1]"`, `"post_instruction"`,
+    `"user[0:3]"`, `"last"`, -1), `"mean(role)"`, or a list of these. The absolute index differs per row.
+    keep: `"all"` keeps `[prompt, layer, position, d_model]`; `"mean"` keeps only the float64 sums.
+    Raises FloatingPointError when an activation is NaN or infinite.
+    """
+    if keep not in ("all", "mean"):
+        raise ValueError("keep must be 'all' or 'mean'")
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    if not hooks or not layers:
+        raise ValueError("nothing to record: no hooks or no layers")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a {n_layers}-layer model")
+    if len(batch) == 0:
+        raise ValueError("empty batch")
+    check_fits(model, batch)
+    _, labels = position_weights(batch[:1], positions)  # validates the spec before any forward pass
+
+    device = model_device(model)
+    d_model = int(model.cfg.d_model)
+    sums = {h: torch.zeros(len(layers), len(labels), d_model, dtype=torch.float64) for h in hooks}
+    kept: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    # Stop after the deepest block we need: later blocks cannot change earlier activations.
+    stop = max(layers) + 1
+    chunks = batch.chunks(batch_size)
+    for _, sub in tqdm(chunks, desc=f"record {model_name or model.cfg.model_name}", disable=not progress or len(chunks) < 2,
+                       leave=False):
+        weights = position_weights(sub, positions)[0].to(device)
+        # Unselected positions (pads included) are zeroed so that 0 * NaN there cannot leak into a selection.
+        unselected = (weights.sum(1) == 0)[..., None]
+        out = {h: torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
+
+        def make_hook(h: str, li: int):
+            def fn(act: torch.Tensor, hook: Any) -> None:
+                x = torch.einsum("bks,bsd->bkd", weights, act.float().masked_fill(unselected, 0.0))
+                out[h][:, li] = x.cpu()
+            return fn
+
+        fwd = [(hook_name(h, layer), make_hook(h, li)) for h in hooks for li, layer in enumerate(layers)]
+        with model.hooks(fwd_hooks=fwd):
+            forward(model, sub, return_type=None, stop_at_layer=stop if stop < n_layers else None)
+        for h in hooks:
+            if not bool(torch.isfinite(out[h]).all()):
+                bad_row = int(torch.nonzero(~torch.isfinite(out[h]))[0, 0])
+                raise FloatingPointError(f"non-finite activation at hook {h!r} for prompt '{sub.instructions[bad_row][:60]}'")
+            sums[h] += out[h].double().sum(0)
+            if keep == "all":
+                kept[h].append(out[h])
+    return Activations(
+        hooks=hooks, layers=layers, positions=labels, model=model_name or str(model.cfg.model_name),
+        count=len(batch), sums=sums,
+        tensors={h: torch.cat(kept[h]) for h in hooks} if keep == "all" else None,
+        prompts=list(batch.instructions),
+    )
+
+
+def record_pair(pair: Any, batch: ChatBatch, *args: Any, **kwargs: Any) -> dict[str, Activations]:
+    """`record` on both models of `pair` on the same tokens: {"base": ..., "instruct": ...}."""
+    out = {}
+    for which in ("base", "instruct"):
+        with pair.on_device(which) as model:
+            out[which] = record(model, batch, *args, model_name=f"{pair.name}/{which}", **kwargs)
+    return out

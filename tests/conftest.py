@@ -1,0 +1,25 @@
+import os
+
+# One thread: the CI machine has 2 cores and busy-waiting OpenMP threads slow everything when shared.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import tiny  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dirs(tmp_path_factory):
+    """{arch: (base folder, instruct folder)}: random tiny pairs of every test architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: (tiny.save_model(root / arch / "base", arch, seed=0),
+                   tiny.save_model(root / arch / "instruct", arch, seed=1)) for arch in tiny.ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny.make_tokenizer()
