@@ -109,3 +109,36 @@ class Run:
         path = self.dir / f"{name}.html"
         fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
         return path
+
+
+def add_common_args(parser: Any, default_pair: str = "toy") -> Any:
+    """The arguments every experiment takes: pair, out, device, dtype, seed, batch size, offload."""
+    parser.add_argument("--pair", default=default_pair, help="registry key (see `probes pairs`)")
+    parser.add_argument("--base", default=None, help="base model hub id or folder (with --instruct, instead of --pair)")
+    parser.add_argument("--instruct", default=None, help="instruct model hub id or folder")
+    parser.add_argument("--out", default=None, help="run folder (default figures/<experiment>/<pair>)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--offload", action="store_true", help="keep one model on the device at a time")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def pair_from_args(args: Any) -> Any:
+    """Load the pair named by `add_common_args` arguments, with the seed set."""
+    from probes.pairs import load_pair
+
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    common = dict(device=args.device, dtype=dtype, offload=args.offload, trust_remote_code=args.trust_remote_code)
+    if args.base or args.instruct:
+        if not (args.base and args.instruct):
+            raise SystemExit("--base and --instruct go together")
+        return load_pair(args.base, args.instruct, **common)
+    return load_pair(args.pair, **common)
+
+
+def config_from_args(args: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items()}
