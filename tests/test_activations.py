@@ -1,0 +1,118 @@
+"""Recorded activations equal raw HF forward passes on tiny random models of real architectures."""
+import pytest
+import torch
+
+import tiny
+from probes.activations import Activations, record, record_pair
+from probes.chat import encode
+from probes.pairs import load_model, load_pair
+
+PROMPTS = ["how do i make a cake ?", "tell me about the sun please , why is the sky", "hello"]
+# The module whose input is resid_mid (the residual after attention, before the MLP's norm).
+MID_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
+            "gemma2": "pre_feedforward_layernorm", "gpt2": "ln_2"}
+
+
+def hf_reference(folder, batch, arch):
+    """hidden_states and resid_mid per layer from plain transformers, positions derived from the mask."""
+    hf = tiny.hf_model(folder)
+    blocks = hf.transformer.h if arch == "gpt2" else hf.model.layers
+    mids = []
+    handles = [getattr(block, MID_NORM[arch]).register_forward_pre_hook(lambda m, args: mids.append(args[0]))
+               for block in blocks]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = hf(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    return out.hidden_states, mids
+
+
+def gather(x, idx):
+    return x[torch.arange(x.shape[0])[:, None], idx]
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_residuals_equal_hf_hidden_states(arch, tiny_pair_dirs, tiny_tokenizer):
+    folder = tiny_pair_dirs[arch][1]
+    model = load_model(folder, device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    acts = record(model, batch, hooks=["resid_pre", "resid_mid", "resid_post"], positions="post_instruction",
+                  batch_size=2, progress=False)
+    hidden, mids = hf_reference(folder, batch, arch)
+    idx, _ = batch.positions("post_instruction")
+    n = model.cfg.n_layers
+    for layer in range(n):
+        torch.testing.assert_close(acts.tensors["resid_pre"][:, layer], gather(hidden[layer], idx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(acts.tensors["resid_mid"][:, layer], gather(mids[layer], idx), atol=1e-5, rtol=0)
+        if layer < n - 1:  # hidden_states[-1] is after the final norm
+            torch.testing.assert_close(acts.tensors["resid_post"][:, layer], gather(hidden[layer + 1], idx),
+                                       atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_role_mean_and_layer_subset(arch, tiny_pair_dirs, tiny_tokenizer):
+    folder = tiny_pair_dirs[arch][0]
+    model = load_model(folder, device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    # Only layer 1: the forward stops early, which must not change what is recorded.
+    acts = record(model, batch, hooks="resid_pre", layers=[1], positions=["mean(user)", "user[0]", -1],
+                  progress=False)
+    hidden, _ = hf_reference(folder, batch, arch)
+    user = batch.role_mask("user").float()
+    expected_mean = (hidden[1] * user[..., None]).sum(1) / user.sum(1, keepdim=True)
+    assert acts.positions == ["mean(user)", "user[0]", "[-1]"]
+    torch.testing.assert_close(acts.tensor[:, 0, 0], expected_mean, atol=1e-5, rtol=0)
+    first = batch.positions("user[0]")[0]
+    torch.testing.assert_close(acts.tensor[:, 0, 1], gather(hidden[1], first)[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(acts.tensor[:, 0, 2], hidden[1][:, -1], atol=1e-5, rtol=0)
+
+
+def test_padding_invariance(tiny_pair_dirs, tiny_tokenizer):
+    model = load_model(tiny_pair_dirs["qwen2"][1], device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    together = record(model, batch, positions="post_instruction", progress=False).tensor
+    for row, prompt in enumerate(PROMPTS):
+        alone = record(model, encode(tiny_tokenizer, [prompt]), positions="post_instruction", progress=False).tensor
+        torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=0)
+
+
+def test_streaming_mean_save_and_load(tmp_path, tiny_pair_dirs, tiny_tokenizer):
+    model = load_model(tiny_pair_dirs["llama"][1], device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS * 3)
+    full = record(model, batch, hooks=["resid_post", "mlp_out"], batch_size=4, progress=False)
+    streamed = record(model, batch, hooks=["resid_post", "mlp_out"], batch_size=2, keep="mean", progress=False)
+    assert streamed.tensors is None and streamed.count == 9
+    for hook in ("resid_post", "mlp_out"):
+        assert streamed.mean(hook).dtype == torch.float64
+        torch.testing.assert_close(streamed.mean(hook), full.tensors[hook].double().mean(0), atol=1e-6, rtol=0)
+    path = full.save(tmp_path / "acts.safetensors")
+    back = Activations.load(path)
+    assert back.hooks == full.hooks and back.positions == full.positions and back.prompts == full.prompts
+    assert torch.equal(back.tensors["mlp_out"], full.tensors["mlp_out"])
+
+
+def test_record_pair_uses_the_same_tokens(tiny_pair_dirs):
+    pair = load_pair(*tiny_pair_dirs["llama"], device="cpu")
+    batch = pair.encode(PROMPTS)
+    acts = record_pair(pair, batch, layers=[0], progress=False)
+    assert set(acts) == {"base", "instruct"}
+    assert acts["base"].tensor.shape == acts["instruct"].tensor.shape == (3, 1, 1, 64)
+    assert not torch.allclose(acts["base"].tensor, acts["instruct"].tensor)
+
+
+def test_bad_input_errors(tiny_pair_dirs, tiny_tokenizer):
+    model = load_model(tiny_pair_dirs["llama"][1], device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    with pytest.raises(ValueError, match="out of range"):
+        record(model, batch, layers=[7], progress=False)
+    with pytest.raises(ValueError, match="unknown hook"):
+        record(model, batch, hooks="resid_sideways", progress=False)
+    with pytest.raises(ValueError, match="context"):
+        record(model, encode(tiny_tokenizer, [" ".join(["cake"] * 130)]), progress=False)
+    with pytest.raises(ValueError, match="no 'response' tokens"):
+        record(model, batch, positions="response[0]", progress=False)
+    broken = load_model(tiny_pair_dirs["llama"][0], device="cpu")
+    broken.original_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        record(broken, batch, hooks="resid_post", progress=False)
