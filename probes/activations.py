@@ -44,12 +44,14 @@ def _split_specs(positions: PositionSpec) -> list[str | int]:
     return list(positions) if isinstance(positions, (list, tuple)) else [positions]
 
 
-def position_weights(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.Tensor, list[str]]:
-    """`[batch, k, seq]` weights whose product with `[batch, seq, d]` activations gives the k chosen positions.
+def position_selector(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """How to pick the k chosen positions out of `[batch, seq, d]` activations.
 
-    Index specs give one-hot rows; `"mean(role)"` gives the role's mask divided by its count.
+    Returns `index` `[batch, k]` (absolute positions; -1 for columns that are role means), `weights`
+    `[batch, k, seq]` (a role's mask divided by its count for `"mean(role)"` columns, zero elsewhere) and labels.
+    Index columns are gathered directly: a one-hot product would cost a matmul over the whole sequence.
     """
-    rows, labels = [], []
+    index_cols, weight_cols, labels = [], [], []
     for spec in _split_specs(positions):
         m = _MEAN.match(spec) if isinstance(spec, str) else None
         if m:
@@ -59,13 +61,39 @@ def position_weights(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.T
             counts = mask.sum(-1, keepdim=True)
             if bool((counts == 0).any()):
                 raise ValueError(f"{spec!r}: some prompts have no {m[1]!r} tokens")
-            rows.append((mask / counts)[:, None, :])
+            index_cols.append(torch.full((len(batch), 1), -1, dtype=torch.long))
+            weight_cols.append((mask / counts)[:, None, :])
             labels.append(f"mean({m[1]})")
         else:
             idx, labs = batch.positions(spec)
-            rows.append(torch.nn.functional.one_hot(idx, batch.seq_len).float())
+            index_cols.append(idx)
+            weight_cols.append(torch.zeros(len(batch), idx.shape[1], batch.seq_len))
             labels += labs
-    return torch.cat(rows, dim=1), labels
+    return torch.cat(index_cols, dim=1), torch.cat(weight_cols, dim=1), labels
+
+
+def position_weights(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.Tensor, list[str]]:
+    """`[batch, k, seq]` weights whose product with `[batch, seq, ...]` gives the k chosen positions.
+
+    Index specs give one-hot rows, `"mean(role)"` the role's mask divided by its count. For reducing a whole
+    `[batch, seq, ...]` map over query positions (e.g. attention patterns) where a gather does not fit.
+    """
+    index, weights, labels = position_selector(batch, positions)
+    onehot = torch.nn.functional.one_hot(index.clamp_min(0), batch.seq_len).float()
+    return torch.where((index < 0)[..., None], weights, onehot), labels
+
+
+def select_positions(act: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`[batch, k, d]` float32 from `[batch, seq, d]` activations with a `position_selector` result."""
+    rows = torch.arange(act.shape[0], device=act.device)[:, None]
+    out = act[rows, index.clamp_min(0)].float()
+    means = index[0] < 0  # the same columns are means in every row
+    if bool(means.any()):
+        w = weights[:, means]
+        # Only positions a mean reads are multiplied, so a NaN elsewhere (padding) cannot leak in.
+        read = (w.sum(1) > 0)[..., None]
+        out[:, means] = torch.einsum("bks,bsd->bkd", w, act.float().masked_fill(~read, 0.0))
+    return out
 
 
 @dataclass
@@ -194,7 +222,7 @@ def record(
     if len(batch) == 0:
         raise ValueError("empty batch")
     check_fits(model, batch)
-    _, labels = position_weights(batch[:1], positions)  # validates the spec before any forward pass
+    labels = position_selector(batch[:1], positions)[2]  # validates the spec before any forward pass
 
     device = model_device(model)
     d_model = int(model.cfg.d_model)
@@ -205,15 +233,13 @@ def record(
     chunks = batch.chunks(batch_size)
     for _, sub in tqdm(chunks, desc=f"record {model_name or model.cfg.model_name}", disable=not progress or len(chunks) < 2,
                        leave=False):
-        weights = position_weights(sub, positions)[0].to(device)
-        # Unselected positions (pads included) are zeroed so that 0 * NaN there cannot leak into a selection.
-        unselected = (weights.sum(1) == 0)[..., None]
+        index, weights, _ = position_selector(sub, positions)
+        index, weights = index.to(device), weights.to(device)
         out = {h: torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
 
         def make_hook(h: str, li: int):
             def fn(act: torch.Tensor, hook: Any) -> None:
-                x = torch.einsum("bks,bsd->bkd", weights, act.float().masked_fill(unselected, 0.0))
-                out[h][:, li] = x.cpu()
+                out[h][:, li] = select_positions(act, index, weights).cpu()
             return fn
 
         fwd = [(hook_name(h, layer), make_hook(h, li)) for h in hooks for li, layer in enumerate(layers)]

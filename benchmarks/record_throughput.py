@@ -1,0 +1,108 @@
+"""Recording throughput against a raw HF forward of the same model, in the same process, interleaved.
+
+A SmolLM2-135M-shaped random Llama on CPU, batch 8 x 128 tokens. Methods:
+- hf_eager / hf_sdpa: plain transformers forward (eager is the attention the bridge uses; sdpa is HF's default);
+- bridge: TransformerBridge forward, no hooks;
+- record_last: probes.record of resid_post at every layer, post_instruction[-1];
+- record_all_pos: the same at every position of every layer (the most that can leave the model).
+Peak memory (max RSS) is measured per method in a fresh subprocess.
+Run: python benchmarks/record_throughput.py [--reps 5] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import machine, median_time, random_llama, write_section
+
+import torch
+
+BATCH, SEQ = 8, 128
+METHODS = ("hf_eager", "hf_sdpa", "bridge", "record_last", "record_all_pos")
+
+
+def build(folder: Path, methods=METHODS):
+    """Return {method: callable} over one shared batch of BATCH x SEQ tokens; loads only what `methods` use."""
+    from transformers import AutoModelForCausalLM
+
+    from probes.activations import forward, record
+    from probes.chat import encode
+    from probes.pairs import load_model
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    bridge_needed = any(m in ("bridge", "record_last", "record_all_pos") for m in methods)
+    model = load_model(folder, device="cpu", tokenizer=tok) if bridge_needed else None
+    words = "how do i make a cake bake bread tell me about the sun moon sky please explain".split()
+    n_user = SEQ - 6  # bos + 2 template tokens + 3 post-instruction tokens
+    batch = encode(tok, [" ".join(words[(i + j) % len(words)] for j in range(n_user)) for i in range(BATCH)])
+    assert batch.input_ids.shape == (BATCH, SEQ), batch.input_ids.shape
+    hf = {impl: AutoModelForCausalLM.from_pretrained(folder, attn_implementation=impl).eval()
+          for impl in ("eager", "sdpa") if f"hf_{impl}" in methods}
+
+    def hf_forward(impl):
+        with torch.no_grad():
+            hf[impl](batch.input_ids, attention_mask=batch.attention_mask)
+
+    return {
+        "hf_eager": lambda: hf_forward("eager"),
+        "hf_sdpa": lambda: hf_forward("sdpa"),
+        "bridge": lambda: forward(model, batch),
+        "record_last": lambda: record(model, batch, hooks="resid_post", positions="post_instruction[-1]",
+                                      batch_size=BATCH, progress=False),
+        "record_all_pos": lambda: record(model, batch, hooks="resid_post", positions=list(range(-SEQ, 0)),
+                                         batch_size=BATCH, progress=False),
+    }
+
+
+def peak_rss_mib(folder: Path, method: str) -> float:
+    """Peak RSS of a fresh process that loads only what `method` needs and runs it once on the batch."""
+    code = (f"import sys, resource, torch; torch.set_num_threads(1); sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            f"import record_throughput as r; from pathlib import Path; fns = r.build(Path({str(folder)!r}), [{method!r}]);"
+            f"fns[{method!r}]();"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_llama(Path(tmp) / "smollm2-135m-random")
+        fns = build(folder)
+        # Interleave methods within each repetition so machine noise hits all of them alike.
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        for _ in range(args.reps):
+            for m in METHODS:
+                times[m].append(median_time(fns[m], reps=1, warmup=0 if times[m] else 1))
+        med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+        mem = {m: peak_rss_mib(folder, m) for m in METHODS}
+    tokens = BATCH * SEQ
+    rows = ["| method | median s / batch | tokens/s | vs hf_eager | vs hf_sdpa | peak RSS, load + 1 batch (MiB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for m in METHODS:
+        rows.append(f"| {m} | {med[m]:.3f} | {tokens / med[m]:,.0f} | {med['hf_eager'] / med[m]:.2f}x | "
+                    f"{med['hf_sdpa'] / med[m]:.2f}x | {mem[m]:.0f} |")
+    table = "\n".join(rows)
+    print(table)
+    body = (f"`python benchmarks/record_throughput.py` — SmolLM2-135M-shaped random Llama (30 layers, d_model 576, "
+            f"vocab 49,152), batch {BATCH} x {SEQ} tokens, CPU, {machine()}, {args.reps} interleaved repetitions "
+            "(median). `record_*` record `resid_post` at all 30 layers; the target is >= 0.9x the HF forward.\n\n"
+            + table)
+    if not args.no_write:
+        write_section("Recording", body)
+    print(json.dumps(med))
+
+
+if __name__ == "__main__":
+    main()
