@@ -207,7 +207,12 @@ def _split(tokenizer: Any, messages: list[dict[str, str]], sentinel: str, kwargs
 def _render(tokenizer: Any, messages: list[dict[str, str]], kwargs: dict) -> str:
     # enable_thinking=False: thinking chat models (Qwen3) answer directly, as their base sibling would continue.
     kwargs = {"enable_thinking": False, **kwargs}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception as exc:  # jinja's raise_exception(...) inside templates, e.g. Gemma's "System role not supported"
+        if type(exc).__name__ != "TemplateError":
+            raise
+        raise ValueError(f"the chat template rejects these messages ({[m['role'] for m in messages]}): {exc}") from exc
 
 
 def encode(
