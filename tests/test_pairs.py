@@ -105,3 +105,25 @@ def test_offload_keeps_models_on_cpu_until_used(tiny_pair_dirs):
         assert model is pair.instruct
     with pytest.raises(KeyError):
         pair["chat"]
+
+
+def test_bfloat16_pair_records_close_to_float32(tiny_pair_dirs):
+    from probes.activations import record
+
+    fp32 = load_pair(*tiny_pair_dirs["llama"], device="cpu")
+    bf16 = load_pair(*tiny_pair_dirs["llama"], device="cpu", dtype=torch.bfloat16)
+    assert next(bf16.instruct.parameters()).dtype == torch.bfloat16
+    batch = fp32.encode(["how do i make a cake ?", "hello"])
+    a = record(fp32.instruct, batch, positions="post_instruction", progress=False).tensor
+    b = record(bf16.instruct, batch, positions="post_instruction", progress=False).tensor
+    assert b.dtype == torch.float32  # recorded activations leave the model as float32
+    # bf16 keeps 8 bits of mantissa: a relative error of a few 1e-2 over 3 layers is its precision, not a bug.
+    assert float((a - b).norm() / a.norm()) < 0.05
+
+
+def test_cli_lists_pairs(capsys):
+    from probes.cli import main
+
+    assert main(["pairs"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-0.5b" in out and "Qwen/Qwen2.5-0.5B-Instruct" in out and "toy" in out
