@@ -1,0 +1,149 @@
+"""Logit lens of a base/instruct pair on identical chat-templated prompts (issue 5).
+
+Every layer's `resid_post` is decoded by each model's own final norm and unembedding (the last layer's lens is the
+model's real output) at the post-instruction positions; results: KL(instruct ‖ base) and the reverse per layer at
+`post_instruction[-1]` (mean over prompts), each model's entropy, KL to its final layer, target-token rank and
+probability, and the first layer where the two models' top tokens differ. Figures: per-layer lines, the mean KL
+heatmap over post-instruction offsets, and for example prompts the layer x token lens of both models and their KL.
+
+    python experiments/logit_lens.py --pair toy
+    python experiments/logit_lens.py --pair qwen2.5-0.5b --prompts harmful.csv harmless.csv --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from probes.lens import paired_lens
+from probes.plots import heatmap
+from probes.plots import lens as P
+from probes.runs import Run, add_common_args, config_from_args, pair_from_args
+
+LAST = "post_instruction[-1]"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="prompt files, one group each (default: the toy pair's test split, harmful and harmless; "
+                        "the built-in demo sets for other pairs)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
+    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p.add_argument("--targets", default="sorry,sure",
+                   help="comma-separated words whose first token's rank and probability are tracked")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--examples", type=int, default=1, help="example prompts per group with a layer x token figure")
+    return p.parse_args(argv)
+
+
+def prompt_groups(args: argparse.Namespace) -> dict[str, list[str]]:
+    """{group name: instructions}."""
+    if args.prompts:
+        from probes.prompts import load_prompts
+
+        groups = {Path(f).stem: load_prompts(f).instructions for f in args.prompts}
+    elif args.pair == "toy" and not (args.base or args.instruct):
+        from probes import toy
+
+        groups = {kind: toy.prompts(kind, "test") for kind in ("harmful", "harmless")}
+    else:
+        from probes.prompts import builtin
+
+        groups = {kind: builtin(kind).instructions for kind in ("harmful", "harmless")}
+    groups = {k: (v[: args.limit] if args.limit else v) for k, v in groups.items()}
+    empty = [k for k, v in groups.items() if not v]
+    if empty:
+        raise SystemExit(f"no prompts in {empty}")
+    return groups
+
+
+def first_tokens(tokenizer, words: str) -> tuple[list[int], list[str]]:
+    """First token of each comma-separated word (real tokenizers split some words), and its text.
+
+    Words outside the vocabulary (tokenised as the unknown token) are skipped with a message.
+    """
+    ids = []
+    for w in (w.strip() for w in words.split(",")):
+        if w:
+            t = int(tokenizer(w, add_special_tokens=False)["input_ids"][0])
+            if t == tokenizer.unk_token_id:
+                print(f"target {w!r} is not in the vocabulary: skipped")
+                continue
+            ids.append(t)
+    if not ids:
+        raise SystemExit("--targets names no word of the vocabulary")
+    return ids, [tokenizer.decode([i]) for i in ids]
+
+
+def main(argv: list[str] | None = None) -> Run:
+    torch.set_num_threads(1)
+    args = parse(argv)
+    pair = pair_from_args(args)
+    groups = prompt_groups(args)
+    texts = [t for v in groups.values() for t in v]
+    rows, start = {}, 0
+    for name, v in groups.items():
+        rows[name], start = list(range(start, start + len(v))), start + len(v)
+    batch = pair.encode(texts)
+    target_ids, target_names = first_tokens(pair.tokenizer, args.targets)
+    run = Run("logit_lens", pair.name, config_from_args(args), out=args.out)
+
+    res = paired_lens(pair, batch, hook=args.hook, positions="post_instruction", targets=target_ids, top_k=args.top_k,
+                      batch_size=args.batch_size)
+    last = res.positions.index(LAST)
+    L = res.layers
+
+    def per_layer(x: torch.Tensor, idx: list[int] | None = None) -> list[float]:
+        """`[prompt, layer, k]` -> mean over prompts at post_instruction[-1], one value per layer."""
+        x = x[:, :, last] if idx is None else x[idx][:, :, last]
+        return x.double().mean(0).tolist()
+
+    fdl = res.first_diff_layer[:, last]
+    run.update(
+        layers=L, hook=args.hook, positions=res.positions, n_prompts=len(texts), groups={k: len(v) for k, v in groups.items()},
+        targets=dict(zip(target_names, target_ids)),
+        kl_instruct_base=per_layer(res.kl_instruct_base),
+        kl_base_instruct=per_layer(res.kl_base_instruct),
+        kl_instruct_base_by_group={g: per_layer(res.kl_instruct_base, r) for g, r in rows.items()},
+        kl_instruct_base_by_offset={lab: res.kl_instruct_base[:, :, j].double().mean(0).tolist()
+                                    for j, lab in enumerate(res.positions)},
+        entropy={w: per_layer(getattr(res, w).entropy) for w in ("base", "instruct")},
+        kl_to_final={w: per_layer(getattr(res, w).kl_to_final) for w in ("base", "instruct")},
+        target_median_rank={w: {name: getattr(res, w).target_rank[:, :, last, t].double().median(0).values.tolist()
+                                for t, name in enumerate(target_names)} for w in ("base", "instruct")},
+        target_prob_by_group={w: {g: {name: getattr(res, w).target_logprob[r][:, :, last, t].exp().double().mean(0).tolist()
+                                      for t, name in enumerate(target_names)} for g, r in rows.items()}
+                              for w in ("base", "instruct")},
+        first_diff_layer={"counts": {str(layer): int((fdl == layer).sum()) for layer in [*L, -1]},
+                          "note": "first layer where the top tokens at post_instruction[-1] differ; -1: never"},
+    )
+    run.save_tensors("lens", res.tensors(), {"layers": L, "positions": res.positions, "targets": target_ids,
+                                             "groups": rows})
+
+    run.save_figure("layer_lines", P.layer_lines(res, last, target=0, target_name=repr(target_names[0])))
+    for g, r in rows.items():
+        run.save_figure(f"layer_lines_{g}", P.layer_lines(
+            res, last, target=0, target_name=repr(target_names[0]), rows=r,
+            title=f"logit lens per layer at {LAST}, {g} prompts (mean over {len(r)})"))
+    mean_kl = res.kl_instruct_base.double().mean(0)  # [layer, offset]
+    run.save_figure("kl_post_instruction", heatmap(
+        mean_kl, x=res.positions, y=L, colorbar="nats", zmin=0, xaxis="post-instruction token",
+        yaxis=f"layer ({args.hook})", text=[[f"{v:.2f}" for v in row] for row in mean_kl.tolist()],
+        title=f"KL(instruct ‖ base) of the logit lens, mean over {len(texts)} prompts"))
+    for g, r in rows.items():
+        for i in r[: args.examples]:
+            one = paired_lens(pair, batch[i], hook=args.hook, positions="all", targets=target_ids, top_k=args.top_k,
+                              progress=False)
+            run.save_figure(f"lens_{g}_{i}", P.paired_lens_heatmap(
+                one, 0, pair.tokenizer, title=f"logit lens of {pair.name} on {g} prompt {i}: {texts[i][:60]!r}"))
+            run.save_figure(f"kl_{g}_{i}", P.kl_heatmap(
+                one, 0, pair.tokenizer, title=f"KL(instruct ‖ base) per layer and token, {g} prompt {i}"))
+    print(f"{run.dir}: KL(instruct ‖ base) at {LAST} by layer: "
+          + ", ".join(f"{v:.3f}" for v in run.results["kl_instruct_base"]))
+    return run
+
+
+if __name__ == "__main__":
+    main()
