@@ -164,16 +164,22 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    hf_model: Any = None,
+    copy_hf_model: bool = True,
 ) -> Any:
     """Load one model (hub id, local folder or `toy:base`/`toy:instruct`) as a frozen TransformerBridge.
 
     Parameters are frozen (`requires_grad=False`) because the bridge's forward and `run_with_cache` do not
     disable autograd; frozen weights keep every forward graph-free. `device_map` is passed through for
-    multi-GPU dispatch and excludes `device`.
+    multi-GPU dispatch and excludes `device`. An already-loaded `hf_model` (e.g. quantised) is wrapped as it is;
+    the bridge rewires it in place (eager attention, replaced submodules), so a copy is wrapped unless
+    `copy_hf_model=False` (saves the memory of a second copy, at the cost of the caller's model).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     path = resolve_source(source)
+    if hf_model is not None:
+        hf_model = copy.deepcopy(hf_model) if copy_hf_model else hf_model
     if tokenizer is None:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, revision=revision)
     kwargs: dict[str, Any] = dict(
@@ -182,7 +188,10 @@ def load_model(
         trust_remote_code=trust_remote_code,
         revision=revision,
     )
-    if device_map is not None:
+    if hf_model is not None:
+        kwargs["hf_model"] = hf_model
+        kwargs["device"] = str(device) if device is not None else str(next(hf_model.parameters()).device)
+    elif device_map is not None:
         if device is not None:
             raise ValueError("pass either device or device_map, not both")
         kwargs["device_map"] = device_map

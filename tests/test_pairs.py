@@ -127,3 +127,20 @@ def test_cli_lists_pairs(capsys):
     assert main(["pairs"]) == 0
     out = capsys.readouterr().out
     assert "qwen2.5-0.5b" in out and "Qwen/Qwen2.5-0.5B-Instruct" in out and "toy" in out
+
+
+def test_passed_hf_model_is_not_mutated(tiny_pair_dirs):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_pair_dirs["llama"][1]
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    modules_before = [type(m).__name__ for m in hf.modules()]
+    model = load_model(folder, hf_model=hf, device="cpu")
+    assert hf.config._attn_implementation == "sdpa"
+    assert [type(m).__name__ for m in hf.modules()] == modules_before
+    ids = torch.tensor([[1, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    # Without the copy the bridge rewires the caller's model: the trap the copy guards against.
+    load_model(folder, hf_model=hf, device="cpu", copy_hf_model=False)
+    assert hf.config._attn_implementation == "eager"
