@@ -1,0 +1,173 @@
+"""Attention on chat-template tokens (issue 6, after Leong et al., ACL 2025).
+
+For base and instruct, harmful and harmless prompts: the attention mass from the post-instruction template
+tokens onto each key region per layer x head, the harmful - harmless and instruct - base shifts, the heads that
+shift most, and a causal check: patching those heads' outputs at the template positions of harmful prompts
+with their harmless mean, measured by the refusal score of the instruct model.
+
+    python experiments/template_attention.py --pair toy
+    python experiments/template_attention.py --pair qwen2.5-0.5b --harmful h.csv --harmless hl.csv --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from probes import attention as A
+from probes.plots import attention as P
+from probes.runs import Run, add_common_args, config_from_args, pair_from_args
+
+QUERY = "post_instruction[-1]"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--harmful", default=None, help="prompt file (default on the toy pair: its test split)")
+    p.add_argument("--harmless", default=None, help="prompt file (default on the toy pair: its test split)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")
+    p.add_argument("--top-k", type=int, default=5, help="heads to rank and patch")
+    p.add_argument("--rank-region", default="post_instruction", choices=list(A.REGIONS),
+                   help="key region whose harmful - harmless shift (instruct model) ranks the heads")
+    p.add_argument("--refusal-words", default="sorry",
+                   help="comma-separated words whose first tokens form the refusal score when probes.refusal is "
+                        "not available")
+    p.add_argument("--viewer-prompt", type=int, default=0, help="harmful prompt shown in the attention viewer")
+    p.add_argument("--viewer-max-heads", type=int, default=64, help="all heads if at most this many, else top-k")
+    return p.parse_args(argv)
+
+
+def prompt_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+    out = {}
+    for kind in ("harmful", "harmless"):
+        path = getattr(args, kind)
+        if path is None:
+            if args.pair != "toy" or args.base or args.instruct:
+                raise SystemExit(f"--{kind} FILE is needed for pairs other than the toy pair")
+            from probes import toy
+
+            texts = toy.prompts(kind, "test")
+        else:
+            from probes.prompts import load_prompts
+
+            texts = load_prompts(path).instructions
+        out[kind] = texts[: args.limit] if args.limit else texts
+        if not out[kind]:
+            raise SystemExit(f"no {kind} prompts")
+    return out
+
+
+def score_function(pair, words: str):
+    try:
+        return A.default_score_fn(pair.tokenizer), "probes.refusal.refusal_score"
+    except (ImportError, ValueError):  # no probes.refusal, or none of its phrases in this vocabulary
+        ids = []
+        for w in (w.strip() for w in words.split(",")):
+            if w:
+                ids.append(pair.tokenizer(w, add_special_tokens=False)["input_ids"][0])
+        return A.logodds_score(ids), f"log-odds of first tokens of {words!r} (ids {ids})"
+
+
+def main(argv: list[str] | None = None) -> Run:
+    torch.set_num_threads(1)
+    args = parse(argv)
+    pair = pair_from_args(args)
+    texts = prompt_sets(args)
+    batches = {kind: pair.encode(t) for kind, t in texts.items()}
+    run = Run("template_attention", pair.name, config_from_args(args), out=args.out)
+    L, H = pair.n_layers, pair.n_heads
+    layers = list(range(L))
+
+    # Attention mass from every post-instruction token (column -1 is the query that predicts the response).
+    masses: dict[str, dict[str, A.AttentionMass]] = {"base": {}, "instruct": {}}
+    for which in ("base", "instruct"):
+        with pair.on_device(which) as model:
+            for kind, batch in batches.items():
+                masses[which][kind] = A.attention_mass(model, batch, "post_instruction", batch_size=args.batch_size,
+                                                       model_name=f"{pair.name}/{which}")
+    regions = list(A.REGIONS)
+    queries = masses["base"]["harmful"].positions
+
+    def by_region(t: torch.Tensor) -> dict[str, torch.Tensor]:  # [layer, head, region] -> {region: [layer, head]}
+        return {r: t[..., i] for i, r in enumerate(regions)}
+
+    mass = {w: {k: by_region(m.at(QUERY)) for k, m in ms.items()} for w, ms in masses.items()}
+    mass_all = {w: {k: by_region(m.mean()) for k, m in ms.items()} for w, ms in masses.items()}
+    qi = queries.index(QUERY)
+    shift_hh = {w: by_region(A.shift(ms["harmful"], ms["harmless"], QUERY)) for w, ms in masses.items()}
+    shift_hh_sem = {w: by_region((ms["harmful"].sem()[:, :, qi] ** 2 + ms["harmless"].sem()[:, :, qi] ** 2).sqrt())
+                    for w, ms in masses.items()}
+    shift_ib = {k: by_region(A.shift(masses["instruct"][k], masses["base"][k], QUERY)) for k in batches}
+    per_layer = {w: {k: {r: m.per_layer(QUERY)[:, i] for i, r in enumerate(regions)} for k, m in ms.items()}
+                 for w, ms in masses.items()}
+    rank_by = shift_hh["instruct"][args.rank_region]
+    top_hh = A.rank_heads(rank_by, args.top_k)
+    top_ib = A.rank_heads(shift_ib["harmful"][args.rank_region], args.top_k)
+    bottom = A.rank_heads(-rank_by.abs(), args.top_k, by="pos")  # smallest |shift|: the control heads
+    fmt = lambda hs, key: [{"layer": layer, "head": h, key: v} for layer, h, v in hs]  # noqa: E731
+    run.update(
+        pair=pair.name, n_layers=L, n_heads=H, n_key_value_heads=getattr(pair.cfg, "n_key_value_heads", None),
+        regions=regions, query=QUERY, template_queries=queries,
+        n_prompts={k: len(b) for k, b in batches.items()},
+        mass=mass, mass_template_queries=mass_all, per_layer=per_layer,
+        shift_harmful_minus_harmless=shift_hh, shift_harmful_minus_harmless_sem=shift_hh_sem,
+        shift_instruct_minus_base=shift_ib,
+        top_heads={"rank_region": args.rank_region,
+                   "harmful_minus_harmless_instruct": fmt(top_hh, "shift"),
+                   "instruct_minus_base_harmful": fmt(top_ib, "shift")},
+    )
+    run.save_tensors("attention_mass", {f"{w}/{k}": m.full for w, ms in masses.items() for k, m in ms.items()},
+                     {"dims": "[layer, head, query, region]", "queries": queries, "regions": regions})
+
+    # Causal check on the instruct model: the top heads, all together and one by one, and a control set.
+    score_fn, score_name = score_function(pair, args.refusal_words)
+    heads = [(layer, h) for layer, h, _ in top_hh]
+    control = [(layer, h) for layer, h, _ in bottom]
+    with pair.on_device("instruct") as model:
+        res = A.head_patching(model, batches["harmful"], batches["harmless"], heads, score_fn=score_fn,
+                              individually=True, batch_size=args.batch_size)
+        ctrl = A.head_patching(model, batches["harmful"], batches["harmless"], control, score_fn=score_fn,
+                               batch_size=args.batch_size)
+        harmless_clean = torch.cat([score_fn(A.last_logits(model, sub)).double()
+                                    for _, sub in batches["harmless"].chunks(args.batch_size)])
+        vi = args.viewer_prompt
+        if not 0 <= vi < len(batches["harmful"]):
+            raise SystemExit(f"--viewer-prompt {vi} out of range")
+        view_heads = ([(layer, h) for layer in layers for h in range(H)] if L * H <= args.viewer_max_heads
+                      else heads)
+        patterns = A.prompt_patterns(model, batches["harmful"], vi, view_heads)
+    name = lambda hd: f"L{hd[0]}H{hd[1]}"  # noqa: E731
+    run.update(patching={
+        "model": "instruct", "score": score_name, "positions": res.positions,
+        "heads": [list(h) for h in heads], "harmful_clean_mean": float(res.clean.mean()),
+        "harmful_patched_mean": float(res.patched.mean()), "effect": res.effect,
+        "per_head_effect": {name(h): v for h, v in res.head_effects().items()},
+        "control_heads": [list(h) for h in control], "control_effect": ctrl.effect,
+        "harmless_clean_mean": float(harmless_clean.mean()),
+    })
+
+    # Figures.
+    for kind in batches:
+        run.save_figure(f"mass_post_instruction_{kind}", P.mass_heatmaps(
+            mass["base"][kind]["post_instruction"], mass["instruct"][kind]["post_instruction"],
+            region="post-instruction template", data=f"{pair.name} {kind}", query=QUERY))
+    for which in masses:
+        run.save_figure(f"shift_harmful_minus_harmless_{which}", P.shift_heatmap(
+            shift_hh[which][args.rank_region], sem=shift_hh_sem[which][args.rank_region],
+            title=f"{pair.name} {which}: harmful − harmless attention from {QUERY} onto {args.rank_region}"))
+    run.save_figure("region_bars", P.region_bars(
+        {f"{w} / {k}": m.per_layer(QUERY) for w, ms in masses.items() for k, m in ms.items()}, regions,
+        title=f"{pair.name}: where {QUERY} looks, by layer (mean over heads and prompts)"))
+    run.save_figure("patching", P.patching_bars(
+        {"top heads": res.effect, **{name(h): v for h, v in res.head_effects().items()},
+         "control heads": ctrl.effect},
+        title=f"{pair.name} instruct: refusal score change when heads' template outputs take their harmless mean"))
+    b = batches["harmful"]
+    run.save_figure("attention_viewer", P.attention_viewer(
+        patterns, b.tokens(vi), b.row_roles(vi), title=f"{pair.name} instruct, harmful prompt {vi}"))
+    return run
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

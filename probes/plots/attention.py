@@ -1,0 +1,145 @@
+"""Figures for attention on chat-template regions (pure builders: arrays in, plotly Figure out)."""
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from probes.plots import DIVERGING, SEQUENTIAL, _arr, heatmap
+
+# One colour per role, shared by bars and token labels.
+ROLE_COLOURS: dict[str, str] = {
+    "pad": "#bbbbbb", "bos": "#7f7f7f", "system": "#9467bd", "template": "#1f77b4", "user": "#2ca02c",
+    "post_instruction": "#d62728", "response": "#ff7f0e",
+}
+
+
+def _check_2d(name: str, a: np.ndarray) -> None:
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be [layer, head], got shape {a.shape}")
+
+
+def mass_heatmaps(base, instruct, *, region: str, layers: Sequence[int] | None = None, data: str = "",
+                  query: str = "post_instruction[-1]") -> go.Figure:
+    """Base and instruct `[layer, head]` attention mass on `region` (one shared scale) and instruct - base."""
+    b, i = _arr(base), _arr(instruct)
+    _check_2d("base", b)
+    if b.shape != i.shape:
+        raise ValueError(f"base {b.shape} and instruct {i.shape} differ in shape")
+    y = [str(layer) for layer in (layers if layers is not None else range(b.shape[0]))]
+    x = [f"H{h}" for h in range(b.shape[1])]
+    d = i - b
+    m = float(np.abs(d).max()) or 1.0
+    hi = max(float(b.max()), float(i.max()), 1e-9)
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.08,
+                        subplot_titles=["base", "instruct", "instruct − base"])
+    for col, (z, kw) in enumerate([(b, dict(colorscale=SEQUENTIAL, zmin=0, zmax=hi, showscale=False)),
+                                   (i, dict(colorscale=SEQUENTIAL, zmin=0, zmax=hi,
+                                            colorbar=dict(title="mass", x=0.62))),
+                                   (d, dict(colorscale=DIVERGING, zmin=-m, zmax=m, zmid=0,
+                                            colorbar=dict(title="Δ mass", x=1.0)))], start=1):
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, hovertemplate="layer %{y} %{x}: %{z:.3f}<extra></extra>", **kw),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="head", row=1, col=col)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(title=f"Attention mass from {query} onto the {region} region, {data} prompts "
+                            "(mean over prompts)")
+    return fig
+
+
+def shift_heatmap(delta, *, title: str, layers: Sequence[int] | None = None, sem=None) -> go.Figure:
+    """A `[layer, head]` difference (e.g. harmful − harmless) on a diverging scale centred on 0."""
+    d = _arr(delta)
+    _check_2d("delta", d)
+    y = [str(layer) for layer in (layers if layers is not None else range(d.shape[0]))]
+    x = [f"H{h}" for h in range(d.shape[1])]
+    hover = None
+    if sem is not None:
+        s = _arr(sem)
+        if s.shape != d.shape:
+            raise ValueError(f"sem {s.shape} and delta {d.shape} differ in shape")
+        hover = [[f"Δ {d[r, c]:+.4f} ± {s[r, c]:.4f} (s.e.)" for c in range(d.shape[1])] for r in range(d.shape[0])]
+    return heatmap(d, x=x, y=y, title=title, diverging=True, hover=hover, xaxis="head", colorbar="Δ mass")
+
+
+def region_bars(per_layer: Mapping[str, object], regions: Sequence[str], *, layers: Sequence[int] | None = None,
+                title: str = "") -> go.Figure:
+    """Stacked bars per layer of where the query token looks, one panel per `{name: [layer, region]}` entry."""
+    if not per_layer:
+        raise ValueError("nothing to plot")
+    arrays = {k: _arr(v) for k, v in per_layer.items()}
+    for k, a in arrays.items():
+        if a.ndim != 2 or a.shape[1] != len(regions):
+            raise ValueError(f"{k}: expected [layer, {len(regions)}] array, got {a.shape}")
+    fig = make_subplots(rows=1, cols=len(arrays), shared_yaxes=True, subplot_titles=list(arrays))
+    for col, (name, a) in enumerate(arrays.items(), start=1):
+        x = [str(layer) for layer in (layers if layers is not None else range(a.shape[0]))]
+        for r, region in enumerate(regions):
+            fig.add_trace(go.Bar(x=x, y=a[:, r], name=region, legendgroup=region, showlegend=col == 1,
+                                 marker_color=ROLE_COLOURS.get(region),
+                                 hovertemplate=f"{name}<br>layer %{{x}}<br>{region}: %{{y:.3f}}<extra></extra>"),
+                          row=1, col=col)
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(title_text="attention mass (head mean)", range=[0, 1.0001], row=1, col=1)
+    fig.update_layout(barmode="stack", title=title)
+    return fig
+
+
+def patching_bars(effects: Mapping[str, float], *, title: str) -> go.Figure:
+    """Bars of mean score changes, e.g. `{"all top heads": -3.1, "L2H1": -1.2, "control": 0.1}`."""
+    if not effects:
+        raise ValueError("nothing to plot")
+    names, vals = list(effects), [float(v) for v in effects.values()]
+    fig = go.Figure(go.Bar(x=names, y=vals, marker_color=["#d62728" if v < 0 else "#1f77b4" for v in vals],
+                           hovertemplate="%{x}: %{y:+.3f}<extra></extra>"))
+    fig.update_layout(title=title, yaxis_title="Δ refusal score (patched − clean)", xaxis_title="patched heads")
+    return fig
+
+
+def _token_label(i: int, token: str, role: str) -> str:
+    colour = ROLE_COLOURS.get(role, "#000000")
+    return f"<span style='color:{colour}'>{i}:{html.escape(token)}</span>"
+
+
+def attention_viewer(patterns: Mapping[tuple[int, int], object], tokens: Sequence[str], roles: Sequence[str], *,
+                     title: str = "") -> go.Figure:
+    """Query × key heatmap of one prompt for several heads, with a dropdown over `(layer, head)`.
+
+    patterns: `{(layer, head): [query, key]}`; tokens, roles: one per (non-pad) token. Axis labels are the
+    tokens coloured by role; the hover shows both tokens, their roles and the weight.
+    """
+    if not patterns:
+        raise ValueError("no patterns to show")
+    n = len(tokens)
+    if len(roles) != n:
+        raise ValueError(f"{len(tokens)} tokens but {len(roles)} roles")
+    labels = [_token_label(i, t, r) for i, (t, r) in enumerate(zip(tokens, roles))]
+    hover = [[f"query {q}: {tokens[q]!r} ({roles[q]})<br>key {k}: {tokens[k]!r} ({roles[k]})"
+              for k in range(n)] for q in range(n)]
+    fig = go.Figure()
+    keys = list(patterns)
+    for j, key in enumerate(keys):
+        a = _arr(patterns[key])
+        if a.shape != (n, n):
+            raise ValueError(f"pattern {key} has shape {a.shape}, expected ({n}, {n})")
+        fig.add_trace(go.Heatmap(z=a, x=labels, y=labels, customdata=hover, colorscale=SEQUENTIAL, zmin=0, zmax=1,
+                                 visible=j == 0, colorbar=dict(title="weight"),
+                                 hovertemplate="%{customdata}<br>weight %{z:.3f}<extra></extra>"))
+    buttons = [dict(label=f"layer {layer} head {head}", method="update",
+                    args=[{"visible": [i == j for i in range(len(keys))]},
+                          {"title": f"{title} — layer {layer}, head {head}"}])
+               for j, (layer, head) in enumerate(keys)]
+    legend = "  ".join(f"<span style='color:{c}'>■ {r}</span>" for r, c in ROLE_COLOURS.items() if r in set(roles))
+    fig.update_layout(
+        title=f"{title} — layer {keys[0][0]}, head {keys[0][1]}",
+        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.12, yanchor="bottom")],
+        xaxis=dict(title="key", tickangle=-60, tickmode="array", tickvals=labels, ticktext=labels),
+        yaxis=dict(title="query", autorange="reversed", tickmode="array", tickvals=labels, ticktext=labels),
+        annotations=[dict(text=legend, xref="paper", yref="paper", x=1.0, y=1.12, showarrow=False,
+                          xanchor="right", yanchor="bottom")],
+        height=max(500, 18 * n + 200), width=max(600, 18 * n + 300),
+    )
+    return fig
