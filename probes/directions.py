@@ -86,3 +86,288 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity along the last dimension, in float64."""
     a, b = a.double(), b.double()
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Interventions along a direction (Arditi et al. 2024; affine variant after Marshall et al. 2024).
+#
+# Every intervention is a list of `(hook_name, fn)` pairs for `model.hooks(fwd_hooks=...)`, with a context manager
+# around it. Hook functions act at every position they see, so under KV-cached generation they also act on each
+# generated token as it is processed.
+
+import contextlib  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+
+Hook = tuple[str, Any]
+
+
+def unit(direction: Direction | torch.Tensor) -> torch.Tensor:
+    """The unit vector `[d_model]` (float64) of a Direction or a raw tensor; ValueError on zero / NaN / wrong rank."""
+    v = direction.raw if isinstance(direction, Direction) else direction
+    if not isinstance(v, torch.Tensor) or v.ndim != 1:
+        raise ValueError("a direction is a Direction or a 1-D tensor [d_model]")
+    v = v.detach().double().cpu()
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("cannot use a zero or non-finite direction")
+    return v / norm
+
+
+def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    """`x - (x . r̂) r̂` along the last dimension; `r_hat` must be unit. Computed in float32 at least."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    r = r_hat.to(device=x.device, dtype=dt)
+    xf = x.to(dt)
+    return (xf - (xf @ r)[..., None] * r).to(x.dtype)
+
+
+def residual_write_hooks(model: Any) -> list[str]:
+    """Names of the hooks whose outputs are ADDED to the residual stream: the embedding (and a learned positional
+    embedding where the model has one), and every block's attention and MLP output.
+
+    For Gemma-2-style blocks the bridge's `hook_attn_out` / `hook_mlp_out` are after the post-norms, i.e. exactly
+    what is added to the residual; `tests/test_directions.py` checks on every test architecture that ablating these
+    writes leaves nothing along r̂ in any residual.
+    """
+    names = ["hook_embed"]
+    if getattr(model.cfg, "positional_embedding_type", None) == "standard":
+        names.append("hook_pos_embed")
+    for layer in range(int(model.cfg.n_layers)):
+        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise ValueError(f"the model has no hooks {missing[:3]}...: cannot find its residual writes")
+    return names
+
+
+def ablation_hooks(model: Any, direction: Direction | torch.Tensor) -> list[Hook]:
+    """Directional ablation: remove the component along r̂ from every residual write, at every position.
+
+    Equivalent to projecting r̂ out of every `resid_pre`, `resid_mid` and `resid_post`, and to `orthogonalize`-d
+    weights (for architectures whose writes are linear maps, see there).
+    """
+    r_hat = unit(direction)
+
+    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return project_out(act, r_hat)
+
+    return [(name, fn) for name in residual_write_hooks(model)]
+
+
+def _check_layer(model: Any, layer: int) -> None:
+    n = int(model.cfg.n_layers)
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer {layer!r} out of range for a {n}-layer model")
+
+
+def addition_hooks(model: Any, vector: Direction | torch.Tensor, layer: int, coeff: float = 1.0) -> list[Hook]:
+    """Activation addition: `resid_pre[layer] += coeff * vector` at every position.
+
+    A Direction adds its raw (un-normalised) mean difference; a tensor is added as given, `[d_model]`.
+    """
+    _check_layer(model, layer)
+    v = vector.raw if isinstance(vector, Direction) else vector
+    if not isinstance(v, torch.Tensor) or v.shape != (int(model.cfg.d_model),):
+        raise ValueError(f"the added vector must be [d_model={model.cfg.d_model}]")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("the added vector has NaN or infinite entries")
+    v = v.detach().double().cpu() * float(coeff)
+
+    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return act + v.to(device=act.device, dtype=act.dtype)
+
+    return [(f"blocks.{layer}.hook_resid_pre", fn)]
+
+
+def affine_hooks(model: Any, direction: Direction | torch.Tensor, reference: float | Sequence[float] | torch.Tensor,
+                 layers: int | Sequence[int] | None = None) -> list[Hook]:
+    """Affine ablation (Marshall et al. 2024, affine concept editing): at `resid_pre` of each of `layers` (default:
+    all), set the projection on r̂ to a reference value instead of zero: `x - (x . r̂ - c_l) r̂`.
+
+    reference: the projection `c_l` to impose — one float for all layers, one per layer in `layers`, or a
+    `[len(layers), d_model]` tensor of reference activations (e.g. the harmless means), whose projections are used.
+    """
+    r_hat = unit(direction)
+    n = int(model.cfg.n_layers)
+    layers = list(range(n)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    for layer in layers:
+        _check_layer(model, layer)
+    ref = torch.as_tensor(reference, dtype=torch.float64)
+    if ref.ndim == 2:
+        if ref.shape != (len(layers), r_hat.shape[0]):
+            raise ValueError(f"reference activations must be [{len(layers)}, {r_hat.shape[0]}], got {tuple(ref.shape)}")
+        ref = ref @ r_hat
+    elif ref.ndim == 0:
+        ref = ref.expand(len(layers))
+    elif ref.shape != (len(layers),):
+        raise ValueError(f"one reference projection per layer ({len(layers)}), got {tuple(ref.shape)}")
+    if not bool(torch.isfinite(ref).all()):
+        raise ValueError("non-finite reference projection")
+
+    def make(c: float):
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            return (project_out(act, r_hat).to(torch.promote_types(act.dtype, torch.float32))
+                    + c * r_hat.to(device=act.device, dtype=torch.promote_types(act.dtype, torch.float32))).to(act.dtype)
+        return fn
+
+    return [(f"blocks.{layer}.hook_resid_pre", make(float(c))) for layer, c in zip(layers, ref.tolist())]
+
+
+@contextlib.contextmanager
+def intervene(model: Any, hooks: Sequence[Hook]) -> Iterator[Any]:
+    """Run `model` with the hook list active (an empty list is a no-op)."""
+    with model.hooks(fwd_hooks=list(hooks)):
+        yield model
+
+
+def ablate(model: Any, direction: Direction | torch.Tensor) -> contextlib.AbstractContextManager:
+    """`with ablate(model, r):` — directional ablation of r̂ from every residual write."""
+    return intervene(model, ablation_hooks(model, direction))
+
+
+def add(model: Any, vector: Direction | torch.Tensor, layer: int, coeff: float = 1.0) -> contextlib.AbstractContextManager:
+    """`with add(model, v, layer, coeff):` — activation addition at `resid_pre` of `layer`."""
+    return intervene(model, addition_hooks(model, vector, layer, coeff))
+
+
+def affine_ablate(model: Any, direction: Direction | torch.Tensor, reference: Any,
+                  layers: int | Sequence[int] | None = None) -> contextlib.AbstractContextManager:
+    """`with affine_ablate(model, r, reference, layers):` — see `affine_hooks`."""
+    return intervene(model, affine_hooks(model, direction, reference, layers))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Weight orthogonalisation: the same ablation written into the weights (a model that needs no hooks).
+
+def _hf(model: Any) -> Any:
+    return getattr(model, "original_model", model)
+
+
+def _inner(module: Any) -> Any:
+    """The HF module inside a bridge wrapper (TransformerBridge wraps HF submodules in place)."""
+    while hasattr(module, "_original_component"):
+        module = module._original_component
+    return module
+
+
+def _hf_modules(hf_model: Any) -> dict[str, Any]:
+    """HF module names -> the HF modules, with bridge wrappers (`._original_component`) seen through."""
+    named: dict[str, Any] = {}
+    for name, mod in hf_model.named_modules():  # pre-order: a wrapper comes before its original, which wins
+        named[name.replace("._original_component", "").replace("_original_component.", "")] = mod
+    return named
+
+
+def residual_writers(hf_model: Any) -> list[tuple[str, Any, str]]:
+    """`(name, module, kind)` of every module whose output is added to the residual stream of an HF causal LM.
+
+    kind: `"embedding"` (weight `[vocab, d]`), `"linear"` (`nn.Linear`, weight `[d, in]`), `"conv1d"` (GPT-2 `Conv1D`,
+    weight `[in, d]`). Supported: Llama-style decoders (`self_attn.o_proj`, `mlp.down_proj`: Llama, Qwen2, Mistral,
+    Gemma-1, ...) and GPT-2. Raises NotImplementedError for blocks with normalisation AFTER the attention / MLP
+    output (Gemma-2/3, OLMo-2: `post_feedforward_layernorm`): a norm of an orthogonalised output is not orthogonal
+    to r̂, so no weight edit equals the hook ablation there — use `ablate` (hooks) on those models.
+    """
+    hf_model = _hf(hf_model)
+    named = _hf_modules(hf_model)
+    layers_name = next((n for n in ("model.layers", "transformer.h") if n in named), None)
+    if layers_name is None:
+        raise NotImplementedError(f"{type(hf_model).__name__}: cannot find the decoder layers to orthogonalise")
+    emb_name = next((n for n in ("model.embed_tokens", "transformer.wte") if n in named), None)
+    if emb_name is None:
+        raise NotImplementedError(f"{type(hf_model).__name__}: cannot find the token embedding")
+    out: list[tuple[str, Any, str]] = [(emb_name, named[emb_name], "embedding")]
+    if "transformer.wpe" in named:  # GPT-2's learned positions are a residual write too
+        out.append(("transformer.wpe", named["transformer.wpe"], "embedding"))
+    n_layers = sum(1 for n in named if n.startswith(layers_name + ".") and n[len(layers_name) + 1:].isdigit())
+    for i in range(n_layers):
+        if hasattr(named[f"{layers_name}.{i}"], "post_feedforward_layernorm"):
+            raise NotImplementedError(
+                f"{type(hf_model).__name__} normalises the attention / MLP outputs before adding them to the residual "
+                "(post-norms): weight orthogonalisation cannot equal directional ablation there; use hooks (ablate)")
+        for part, cands in (("attention output", ("self_attn.o_proj", "attn.c_proj")),
+                            ("MLP output", ("mlp.down_proj", "mlp.c_proj"))):
+            name = next((f"{layers_name}.{i}.{c}" for c in cands if f"{layers_name}.{i}.{c}" in named), None)
+            if name is None:
+                raise NotImplementedError(f"{type(hf_model).__name__}: no {part} projection found in layer {i}")
+            mod = named[name]
+            kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d" if type(mod).__name__ == "Conv1D" else None
+            if kind is None:
+                raise NotImplementedError(f"{name} is a {type(mod).__name__}, not a Linear or Conv1D")
+            out.append((name, mod, kind))
+    return out
+
+
+def untie_embeddings(hf_model: Any) -> bool:
+    """Give the unembedding its own copy of the weights if it shares them with the embedding; True if it did."""
+    hf_model = _hf(hf_model)
+    out_emb, in_emb = _inner(hf_model.get_output_embeddings()), _inner(hf_model.get_input_embeddings())
+    if out_emb is None or out_emb.weight.data_ptr() != in_emb.weight.data_ptr():
+        return False
+    out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(c): c for c in (hf_model.config, getattr(hf_model.config, "get_text_config", lambda: None)())
+                if c is not None}.values():
+        cfg.tie_word_embeddings = False
+    if hasattr(hf_model, "_tied_weights_keys"):
+        hf_model._tied_weights_keys = {} if isinstance(hf_model._tied_weights_keys, dict) else []
+    return True
+
+
+@torch.no_grad()
+def orthogonalize(model: Any, direction: Direction | torch.Tensor) -> Any:
+    """Edit the weights in place so that no residual write has a component along r̂ (Arditi et al. 2024, eq. 5).
+
+    `model`: an HF causal LM or a bridge (its `original_model` is edited, so the bridge sees the edit). Embedding
+    rows, `W_O` of attention and `W_out` of the MLP (and their biases) lose their r̂ component; tied embeddings are
+    untied first so the unembedding keeps the original weights. Equal to `ablate` with hooks for the architectures
+    `residual_writers` supports (tested on Llama, Qwen2, GPT-2); raises NotImplementedError elsewhere. Returns the HF
+    model.
+    """
+    hf_model = _hf(model)
+    writers = residual_writers(hf_model)  # raises before any edit for unsupported architectures
+    r_hat = unit(direction)
+    if r_hat.shape[0] != writers[0][1].weight.shape[1]:
+        raise ValueError(f"direction has {r_hat.shape[0]} dims, the model {writers[0][1].weight.shape[1]}")
+    untie_embeddings(hf_model)
+    for _, mod, kind in writers:
+        w = mod.weight
+        r = r_hat.to(device=w.device)
+        wd = w.double()
+        if kind == "linear":  # [d, in]: project the output side
+            new = wd - torch.outer(r, r @ wd)
+        else:  # embedding [vocab, d] and Conv1D [in, d]: the model dimension is last
+            new = wd - torch.outer(wd @ r, r)
+        w.copy_(new.to(w.dtype))
+        bias = getattr(mod, "bias", None)
+        if kind != "embedding" and bias is not None:
+            bd = bias.double()
+            bias.copy_((bd - (bd @ r) * r).to(bias.dtype))
+    return hf_model
+
+
+def _unwrap(module: Any) -> Any:
+    """Replace every bridge wrapper below `module` by the HF module it wraps (on a copy: this is destructive)."""
+    for name, child in list(module.named_children()):
+        inner = _inner(child)
+        if inner is not child:
+            setattr(module, name, inner)
+        _unwrap(inner)
+    return module
+
+
+def save_orthogonalized(model: Any, direction: Direction | torch.Tensor, out: str | os.PathLike,
+                        tokenizer: Any = None) -> Path:
+    """Orthogonalise a COPY of `model` (HF model or bridge) and `save_pretrained` it (plus `tokenizer`) to `out`.
+
+    The folder loads in plain transformers (`AutoModelForCausalLM.from_pretrained(out)`), untied if it was tied.
+    A bridge's HF model is copied and stripped of its wrappers first (memory: one extra copy of the weights).
+    """
+    import copy
+
+    hf_model = _unwrap(copy.deepcopy(_hf(model)))
+    orthogonalize(hf_model, direction)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
