@@ -190,6 +190,47 @@ def forward(model: Any, batch: ChatBatch, *, return_type: str | None = "logits",
                      return_type=return_type, **kwargs)
 
 
+def last_logits(
+    model: Any, batch: ChatBatch, hooks: Sequence[tuple[str, Any]] = (), *, position: str | int = "last",
+    batch_size: int = 16, progress: bool = False,
+) -> torch.Tensor:
+    """Logits at one position per prompt under `hooks`, `[batch, vocab]` float32 on the CPU.
+
+    Only that position goes through the final norm and unembedding (plus the output soft-cap, e.g. Gemma-2), so
+    `[batch, seq, vocab]` logits are never built. With left padding, `"last"` is every row's last real token:
+    the distribution of the first response token. Raises FloatingPointError on non-finite logits.
+    """
+    if len(batch) == 0:
+        raise ValueError("empty batch")
+    check_fits(model, batch)
+    n_layers = int(model.cfg.n_layers)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    out = []
+    chunks = batch.chunks(batch_size)
+    for _, sub in tqdm(chunks, desc="logits", disable=not progress or len(chunks) < 2, leave=False):
+        pos = sub.positions(position)[0]
+        if pos.shape[1] != 1:
+            raise ValueError(f"{position!r} selects {pos.shape[1]} positions; logits need exactly one")
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(resid: torch.Tensor, hook: Any) -> None:
+            rows = torch.arange(resid.shape[0], device=resid.device)
+            captured["x"] = resid[rows, pos[:, 0].to(resid.device)][:, None]  # [b, 1, d_model]
+
+        # Registered last, so it reads the residual after any of the caller's hooks on the same point.
+        with model.hooks(fwd_hooks=[*hooks, (f"blocks.{n_layers - 1}.hook_resid_post", grab)]):
+            forward(model, sub, return_type=None, stop_at_layer=n_layers)
+        with torch.no_grad():
+            logits = model.unembed(model.ln_final(captured["x"]))[:, 0].float()
+        if cap is not None and cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        out.append(logits.cpu())
+    logits = torch.cat(out)
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("non-finite logits")
+    return logits
+
+
 def record(
     model: Any,
     batch: ChatBatch,

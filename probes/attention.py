@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from probes.activations import PositionSpec, check_fits, forward, model_device, position_weights
+from probes.activations import PositionSpec, check_fits, forward, last_logits, model_device, position_weights
 from probes.chat import ROLE_ID, ChatBatch
+from probes.refusal import refusal_score, refusal_tokens
 
 REGIONS: tuple[str, ...] = ("bos", "system", "template", "user", "post_instruction", "response")
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
@@ -414,43 +415,12 @@ def z_patch_hooks(heads: Sequence[Head], positions: torch.Tensor, values: dict[H
     return [(Z_HOOK.format(layer=layer), make_hook(layer)) for layer in by_layer]
 
 
-def last_logits(model: Any, batch: ChatBatch, fwd_hooks: Sequence[tuple[str, Callable]] = (),
-                position: str | int = "post_instruction[-1]") -> torch.Tensor:
-    """`[batch, vocab]` float32 logits at one position per prompt, under `fwd_hooks`.
-
-    Only that position goes through the final norm and unembedding (never `[batch, seq, vocab]`); the
-    output soft-cap (Gemma-2) is applied as the model does.
-    """
-    pos = batch.positions(position)[0]
-    if pos.shape[1] != 1:
-        raise ValueError(f"{position!r} selects {pos.shape[1]} positions; logits need exactly one")
-    n_layers = int(model.cfg.n_layers)
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(resid: torch.Tensor, hook: Any) -> None:
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        captured["x"] = resid[rows, pos[:, 0].to(resid.device)][:, None]  # [b, 1, d_model]
-
-    with model.hooks(fwd_hooks=[*fwd_hooks, (f"blocks.{n_layers - 1}.hook_resid_post", grab)]):
-        # stop_at_layer=n_layers ends after the last block: the full [batch, seq, vocab] logits are never built.
-        forward(model, batch, return_type=None, stop_at_layer=n_layers)
-    with torch.no_grad():
-        logits = model.unembed(model.ln_final(captured["x"]))[:, 0].float()
-    cap = getattr(model.cfg, "output_logits_soft_cap", None)
-    if cap is not None and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits.cpu()
-
-
 def default_score_fn(tokenizer: Any) -> ScoreFn:
-    """The refusal score of `probes.refusal` (log-odds of the refusal tokens) for `tokenizer`."""
-    try:
-        from probes.refusal import refusal_score, refusal_tokens
-    except ImportError as exc:
-        raise ImportError("probes.refusal is not available: pass score_fn= (e.g. `logodds_score(token_ids)`)") from exc
-    # ValueError when none of its refusal phrases is in this vocabulary: the caller picks words then.
-    ids = refusal_tokens(tokenizer)
-    return lambda logits: refusal_score(logits, ids)
+    """The refusal score of `probes.refusal` (log-odds of the refusal tokens) for `tokenizer`.
+
+    Raises ValueError when none of its refusal phrases is in this vocabulary: pick words with `logodds_score`.
+    """
+    return logodds_score(refusal_tokens(tokenizer))
 
 
 def logodds_score(token_ids: Sequence[int]) -> ScoreFn:
@@ -458,17 +428,7 @@ def logodds_score(token_ids: Sequence[int]) -> ScoreFn:
     ids = sorted(set(int(t) for t in token_ids))
     if not ids:
         raise ValueError("no token ids to score")
-
-    def score(logits: torch.Tensor) -> torch.Tensor:
-        if logits.ndim != 2 or max(ids) >= logits.shape[-1]:
-            raise ValueError(f"expected [batch, vocab] logits covering token {max(ids)}, got {tuple(logits.shape)}")
-        x = logits.double()
-        mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-        mask[ids] = True
-        # Two logsumexps over disjoint sets: exact even when P rounds to 1.
-        return (x.masked_fill(~mask, -torch.inf).logsumexp(-1) - x.masked_fill(mask, -torch.inf).logsumexp(-1)).cpu()
-
-    return score
+    return lambda logits: refusal_score(logits, ids)
 
 
 @dataclass
@@ -536,7 +496,7 @@ def head_patching(
         for i, (_, hs) in enumerate(runs):
             fired: set[int] = set()
             hooks = z_patch_hooks(hs, pos, {h: values[h] for h in hs}, fired) if hs else []
-            s = score_fn(last_logits(model, sub, hooks)).double().cpu()
+            s = score_fn(last_logits(model, sub, hooks, position="post_instruction[-1]")).double().cpu()
             if fired != {layer for layer, _ in hs}:
                 raise RuntimeError(f"hook_z did not fire at layers {sorted({l for l, _ in hs} - fired)}: this "
                                    "architecture's bridge exposes no per-head output to patch")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from probes.activations import Activations, check_fits, forward, model_device, record
+from probes.activations import Activations, check_fits, forward, last_logits, model_device, record
 from probes.chat import ChatBatch
 from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
 
@@ -95,26 +95,6 @@ def refusal_score(logits_last: torch.Tensor, token_ids: Sequence[int]) -> torch.
     refuse = x.masked_fill(~mask, -math.inf).logsumexp(-1)
     other = x.masked_fill(mask, -math.inf).logsumexp(-1)
     return (refuse - other).cpu()
-
-
-@torch.no_grad()
-def last_logits(model: Any, batch: ChatBatch, hooks: Hooks = (), *, batch_size: int = 16,
-                progress: bool = False) -> torch.Tensor:
-    """Logits at the last position (the first response token's distribution), `[batch, vocab]` float32 on CPU.
-
-    The batch is left-padded, so the last column is every row's last real token.
-    """
-    if len(batch) == 0:
-        raise ValueError("empty batch")
-    check_fits(model, batch)
-    out = []
-    with model.hooks(fwd_hooks=list(hooks)):
-        for _, sub in tqdm(batch.chunks(batch_size), desc="logits", disable=not progress, leave=False):
-            out.append(forward(model, sub)[:, -1].float().cpu())
-    logits = torch.cat(out)
-    if not bool(torch.isfinite(logits).all()):
-        raise FloatingPointError("non-finite logits")
-    return logits
 
 
 def score_prompts(model: Any, batch: ChatBatch, token_ids: Sequence[int], hooks: Hooks = (), *,
