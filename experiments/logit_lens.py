@@ -19,7 +19,7 @@ import torch
 from probes.lens import paired_lens
 from probes.plots import heatmap
 from probes.plots import lens as P
-from probes.runs import Run, add_common_args, config_from_args, pair_from_args
+from probes.runs import Run, add_common_args, config_from_args, is_toy, pair_from_args
 
 LAST = "post_instruction[-1]"
 
@@ -44,14 +44,10 @@ def prompt_groups(args: argparse.Namespace) -> dict[str, list[str]]:
         from probes.prompts import load_prompts
 
         groups = {Path(f).stem: load_prompts(f).instructions for f in args.prompts}
-    elif args.pair == "toy" and not (args.base or args.instruct):
-        from probes import toy
-
-        groups = {kind: toy.prompts(kind, "test") for kind in ("harmful", "harmless")}
     else:
-        from probes.prompts import builtin
+        from probes.prompts import default_sets
 
-        groups = {kind: builtin(kind).instructions for kind in ("harmful", "harmless")}
+        groups = default_sets(is_toy(args))
     groups = {k: (v[: args.limit] if args.limit else v) for k, v in groups.items()}
     empty = [k for k, v in groups.items() if not v]
     if empty:

@@ -22,7 +22,8 @@ from probes import refusal  # noqa: E402
 from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosine  # noqa: E402
 from probes.activations import record  # noqa: E402
 from probes.plots import refusal as figs  # noqa: E402
-from probes.runs import Run, add_common_args, config_from_args, pair_from_args  # noqa: E402
+from probes.prompts import default_sets  # noqa: E402
+from probes.runs import Run, add_common_args, config_from_args, is_toy, pair_from_args  # noqa: E402
 
 
 def _nan_none(t: torch.Tensor) -> list:
@@ -52,10 +53,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def prompt_splits(args: argparse.Namespace) -> dict[str, dict[str, list[str]]]:
     """{split: {harmful, harmless}} — the toy pair's own splits, or files split with the seed."""
     sizes = dict(train=args.n_train, val=args.n_val)
-    if args.harmful is None and args.harmless is None and args.pair == "toy" and not (args.base or args.instruct):
-        from probes import toy
-
-        out = {s: {k: toy.prompts(k, s) for k in ("harmful", "harmless")} for s in ("train", "val", "test")}
+    if args.harmful is None and args.harmless is None and is_toy(args):
+        out = {s: default_sets(True, s) for s in ("train", "val", "test")}
         for s, n in sizes.items():
             out[s] = {k: v[:n] for k, v in out[s].items()}
         if args.n_test is not None:

@@ -17,7 +17,7 @@ import torch
 
 from probes import attention as A
 from probes.plots import attention as P
-from probes.runs import Run, add_common_args, config_from_args, pair_from_args
+from probes.runs import Run, add_common_args, config_from_args, is_toy, pair_from_args
 
 QUERY = "post_instruction[-1]"
 
@@ -39,19 +39,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prompt_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Files if given, else the toy pair's test split or the built-in demo sets."""
+    from probes.prompts import default_sets, load_prompts
+
+    defaults = default_sets(is_toy(args))
     out = {}
     for kind in ("harmful", "harmless"):
         path = getattr(args, kind)
-        if path is None:
-            if args.pair != "toy" or args.base or args.instruct:
-                raise SystemExit(f"--{kind} FILE is needed for pairs other than the toy pair")
-            from probes import toy
-
-            texts = toy.prompts(kind, "test")
-        else:
-            from probes.prompts import load_prompts
-
-            texts = load_prompts(path).instructions
+        texts = load_prompts(path).instructions if path else defaults[kind]
         out[kind] = texts[: args.limit] if args.limit else texts
         if not out[kind]:
             raise SystemExit(f"no {kind} prompts")

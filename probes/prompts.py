@@ -401,6 +401,19 @@ def builtin(name: str) -> PromptSet:
     return out
 
 
+def default_sets(toy: bool, split: str = "test") -> dict[str, list[str]]:
+    """{"harmful": [...], "harmless": [...]} for an experiment given no prompt files.
+
+    The toy pair uses its own split (`test` = objects held out of fine-tuning); any other pair the built-in
+    demo sets, so every experiment runs on a real pair without files.
+    """
+    if toy:
+        from probes import toy as toy_pair
+
+        return {kind: toy_pair.prompts(kind, split) for kind in ("harmful", "harmless")}
+    return {kind: builtin(kind).instructions for kind in ("harmful", "harmless")}
+
+
 # ---------------------------------------------------------------------------------------------------- shared data
 
 def shared_data_dir() -> pathlib.Path:

@@ -140,5 +140,10 @@ def pair_from_args(args: Any) -> Any:
     return load_pair(args.pair, **common)
 
 
+def is_toy(args: Any) -> bool:
+    """Whether `add_common_args` arguments name the shipped toy pair."""
+    return args.pair == "toy" and not (args.base or args.instruct)
+
+
 def config_from_args(args: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items()}

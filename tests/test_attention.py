@@ -354,21 +354,9 @@ def test_figures():
 
 # ---------------------------------------------------------------------------------------------- experiment
 
-def experiment_main():
-    """`main` of experiments/template_attention.py (the experiments folder is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "template_attention.py"
-    spec = importlib.util.spec_from_file_location("template_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.slow
 def test_experiment_on_tiny_pair(tiny_pair_dirs, tmp_path):
-    main = experiment_main()
+    main = tiny.load_experiment("template_attention").main
     base, inst = tiny_pair_dirs["llama"]
     (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL))
     (tmp_path / "harmless.txt").write_text("\n".join(HARMLESS))
@@ -398,7 +386,7 @@ def test_experiment_on_toy_pair(tmp_path):
 
     if not (toy.path() / "instruct" / "config.json").exists():
         pytest.skip("toy pair weights absent (train with python -m probes.toy.train)")
-    main = experiment_main()
+    main = tiny.load_experiment("template_attention").main
     out = tmp_path / "toy"
     main(["--pair", "toy", "--out", str(out), "--device", "cpu", "--limit", "24"])
     r = json.loads((out / "results.json").read_text())

@@ -152,17 +152,6 @@ def test_instruct_responses_are_hf_greedy(pairs, hf, tiny_tokenizer):
         assert texts[r] and texts[r] == tiny_tokenizer.decode(ids[0, one.seq_len:], skip_special_tokens=True)
 
 
-def load_experiment(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
 def test_activation_diff_experiment_on_tiny_pair(tiny_pair_dirs, hf, tiny_tokenizer, tmp_path):
     import json
@@ -170,7 +159,7 @@ def test_activation_diff_experiment_on_tiny_pair(tiny_pair_dirs, hf, tiny_tokeni
     base, inst = tiny_pair_dirs["llama"]
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(PROMPTS))
-    run = load_experiment("activation_diff").main([
+    run = tiny.load_experiment("activation_diff").main([
         "--base", str(base), "--instruct", str(inst), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
         "--device", "cpu", "--response", "sure , bake bread"])
     r = json.loads((run.dir / "results.json").read_text())
@@ -195,7 +184,7 @@ def test_activation_diff_experiment_on_toy_pair(tmp_path):
         pytest.skip("toy pair weights are absent (python -m probes.toy.train)")
     import json
 
-    run = load_experiment("activation_diff").main(["--pair", "toy", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    run = tiny.load_experiment("activation_diff").main(["--pair", "toy", "--out", str(tmp_path / "run"), "--device", "cpu"])
     r = json.loads((run.dir / "results.json").read_text())
     assert len(r["per_token_kl"]) >= 1 and all(v >= 0 for v in r["per_token_kl"])
     assert set(r["per_token_kl_by_group"]) == {"harmful", "harmless"}

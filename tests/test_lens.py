@@ -206,17 +206,6 @@ def test_head_reads_softcap_and_copies_to_another_device(pairs):
     assert meta.weight.device.type == "meta" and head.weight.device.type == "cpu"
 
 
-def load_experiment(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
 def test_logit_lens_experiment_on_tiny_pair(tiny_pair_dirs, hf, tiny_tokenizer, tmp_path):
     import json
@@ -224,7 +213,7 @@ def test_logit_lens_experiment_on_tiny_pair(tiny_pair_dirs, hf, tiny_tokenizer, 
     base, inst = tiny_pair_dirs["llama"]
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(PROMPTS))
-    run = load_experiment("logit_lens").main(["--base", str(base), "--instruct", str(inst), "--prompts", str(prompts),
+    run = tiny.load_experiment("logit_lens").main(["--base", str(base), "--instruct", str(inst), "--prompts", str(prompts),
                                               "--out", str(tmp_path / "run"), "--device", "cpu"])
     results = json.loads((run.dir / "results.json").read_text())
     # Independent: HF forwards of both models, lens by hand at post_instruction[-1], mean over prompts.
@@ -254,7 +243,7 @@ def test_logit_lens_experiment_on_toy_pair(tmp_path):
         pytest.skip("toy pair weights are absent (python -m probes.toy.train)")
     import json
 
-    run = load_experiment("logit_lens").main(["--pair", "toy", "--out", str(tmp_path / "run"), "--device", "cpu",
+    run = tiny.load_experiment("logit_lens").main(["--pair", "toy", "--out", str(tmp_path / "run"), "--device", "cpu",
                                               "--examples", "1"])
     r = json.loads((run.dir / "results.json").read_text())
     assert len(r["kl_instruct_base"]) == 4 and all(v >= 0 for v in r["kl_instruct_base"])

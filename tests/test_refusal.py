@@ -247,24 +247,13 @@ def test_generation_stops_and_errors(llama, tiny_tokenizer):
 
 # ------------------------------------------------------------------------------------------- experiment runs
 
-def load_experiment():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "refusal_direction.py"
-    spec = importlib.util.spec_from_file_location("refusal_direction_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
     import json
 
     from safetensors import safe_open
 
-    exp = load_experiment()
+    exp = tiny.load_experiment("refusal_direction")
 
     base, inst = tiny_pair_dirs["llama"]
     with pytest.warns(UserWarning, match="no candidate passes"):  # a random model has no refusal direction
@@ -294,7 +283,7 @@ def test_toy_pair_refusal_direction(tmp_path):
 
     if not (toy.path() / "instruct" / "config.json").exists() or not (toy.path() / "base" / "config.json").exists():
         pytest.skip(f"the toy pair's weights are not in {toy.path()} (train them: python -m probes.toy.train)")
-    exp = load_experiment()
+    exp = tiny.load_experiment("refusal_direction")
 
     run = exp.main(["--pair", "toy", "--out", str(tmp_path), "--device", "cpu", "--max-new-tokens", "10"])
     res = run.results
