@@ -268,15 +268,17 @@ def record(
     device = model_device(model)
     d_model = int(model.cfg.d_model)
     sums = {h: torch.zeros(len(layers), len(labels), d_model, dtype=torch.float64) for h in hooks}
-    kept: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    # keep="all" writes each chunk straight into its rows of the final tensor: no concatenation copy at the end.
+    kept = {h: torch.empty(len(batch), len(layers), len(labels), d_model) for h in hooks} if keep == "all" else None
     # Stop after the deepest block we need: later blocks cannot change earlier activations.
     stop = max(layers) + 1
     chunks = batch.chunks(batch_size)
-    for _, sub in tqdm(chunks, desc=f"record {model_name or model.cfg.model_name}", disable=not progress or len(chunks) < 2,
+    for start, sub in tqdm(chunks, desc=f"record {model_name or model.cfg.model_name}", disable=not progress or len(chunks) < 2,
                        leave=False):
         index, weights, _ = position_selector(sub, positions)
         index, weights = index.to(device), weights.to(device)
-        out = {h: torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
+        out = {h: kept[h][start : start + len(sub)] if kept is not None else
+               torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
 
         def make_hook(h: str, li: int):
             def fn(act: torch.Tensor, hook: Any) -> None:
@@ -290,13 +292,11 @@ def record(
             if not bool(torch.isfinite(out[h]).all()):
                 bad_row = int(torch.nonzero(~torch.isfinite(out[h]))[0, 0])
                 raise FloatingPointError(f"non-finite activation at hook {h!r} for prompt '{sub.instructions[bad_row][:60]}'")
-            sums[h] += out[h].double().sum(0)
-            if keep == "all":
-                kept[h].append(out[h])
+            sums[h] += out[h].sum(0, dtype=torch.float64)
     return Activations(
         hooks=hooks, layers=layers, positions=labels, model=model_name or str(model.cfg.model_name),
         count=len(batch), sums=sums,
-        tensors={h: torch.cat(kept[h]) for h in hooks} if keep == "all" else None,
+        tensors=kept,
         prompts=list(batch.instructions),
     )
 
