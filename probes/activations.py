@@ -85,8 +85,11 @@ def position_weights(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.T
 
 def select_positions(act: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`[batch, k, d]` float32 from `[batch, seq, d]` activations with a `position_selector` result."""
-    rows = torch.arange(act.shape[0], device=act.device)[:, None]
-    out = act[rows, index.clamp_min(0)].float()
+    if index.shape[1] == act.shape[1] and bool((index == torch.arange(act.shape[1], device=index.device)).all()):
+        out = act.float().clone()  # every position in order: a plain copy, no gather
+    else:
+        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        out = act[rows, index.clamp_min(0)].float()
     means = index[0] < 0  # the same columns are means in every row
     if bool(means.any()):
         w = weights[:, means]
@@ -289,10 +292,12 @@ def record(
         with model.hooks(fwd_hooks=fwd):
             forward(model, sub, return_type=None, stop_at_layer=stop if stop < n_layers else None)
         for h in hooks:
-            if not bool(torch.isfinite(out[h]).all()):
+            chunk_sum = out[h].sum(0, dtype=torch.float64)
+            # A NaN or inf anywhere makes the sum non-finite: one pass checks and accumulates.
+            if not bool(torch.isfinite(chunk_sum).all()):
                 bad_row = int(torch.nonzero(~torch.isfinite(out[h]))[0, 0])
                 raise FloatingPointError(f"non-finite activation at hook {h!r} for prompt '{sub.instructions[bad_row][:60]}'")
-            sums[h] += out[h].sum(0, dtype=torch.float64)
+            sums[h] += chunk_sum
     return Activations(
         hooks=hooks, layers=layers, positions=labels, model=model_name or str(model.cfg.model_name),
         count=len(batch), sums=sums,
