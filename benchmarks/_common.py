@@ -36,15 +36,26 @@ def random_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
-def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
+def median_time(fn, reps: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds) of `fn`. With one thread CPU time is the work done, which
+    another busy process on the machine inflates far less than wall time."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def machine() -> str:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine, median_time, random_llama, write_section
+from _common import machine, median_time, peak_rss_mib, random_llama, write_section
 
 import torch
 
@@ -61,14 +61,13 @@ def build(folder: Path, methods=METHODS):
     }
 
 
-def peak_rss_mib(folder: Path, method: str) -> float:
+def measure_rss(folder: Path, method: str) -> float:
     """Peak RSS of a fresh process that loads only what `method` needs and runs it once on the batch."""
-    code = (f"import sys, resource, torch; torch.set_num_threads(1); sys.path.insert(0, {str(Path(__file__).parent)!r});"
+    code = (f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {str(Path(__file__).parent)!r});"
             f"import record_throughput as r; from pathlib import Path; fns = r.build(Path({str(folder)!r}), [{method!r}]);"
-            f"fns[{method!r}]();"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"fns[{method!r}](); print(r.peak_rss_mib())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -81,18 +80,23 @@ def main() -> None:
         folder = random_llama(Path(tmp) / "smollm2-135m-random")
         fns = build(folder)
         # Interleave methods within each repetition so machine noise hits all of them alike.
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        wall: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[float]] = {m: [] for m in METHODS}
         for _ in range(args.reps):
             for m in METHODS:
-                times[m].append(median_time(fns[m], reps=1, warmup=0 if times[m] else 1))
-        med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
-        mem = {m: peak_rss_mib(folder, m) for m in METHODS}
+                w, c = median_time(fns[m], reps=1, warmup=0 if wall[m] else 1)
+                wall[m].append(w)
+                cpu[m].append(c)
+        med = {m: statistics.median(v) for m, v in cpu.items()}
+        med_wall = {m: statistics.median(v) for m, v in wall.items()}
+        mem = {m: measure_rss(folder, m) for m in METHODS}
     tokens = BATCH * SEQ
-    rows = ["| method | median s / batch | tokens/s | vs hf_eager | vs hf_sdpa | peak RSS, load + 1 batch (MiB) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| method | CPU s / batch | wall s / batch | tokens/s (CPU) | vs hf_eager | vs hf_sdpa | "
+            "peak RSS, load + 1 batch (MiB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m in METHODS:
-        rows.append(f"| {m} | {med[m]:.3f} | {tokens / med[m]:,.0f} | {med['hf_eager'] / med[m]:.2f}x | "
-                    f"{med['hf_sdpa'] / med[m]:.2f}x | {mem[m]:.0f} |")
+        rows.append(f"| {m} | {med[m]:.3f} | {med_wall[m]:.3f} | {tokens / med[m]:,.0f} | "
+                    f"{med['hf_eager'] / med[m]:.2f}x | {med['hf_sdpa'] / med[m]:.2f}x | {mem[m]:.0f} |")
     table = "\n".join(rows)
     print(table)
     body = (f"`python benchmarks/record_throughput.py` — SmolLM2-135M-shaped random Llama (30 layers, d_model 576, "
