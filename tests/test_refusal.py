@@ -297,3 +297,28 @@ def test_toy_pair_refusal_direction(tmp_path):
     assert rate["harmless"]["added"] >= 0.80
     rnd = res["random_control"]  # same norm, same hooks: neither bypasses nor induces
     assert rnd["harmful"]["ablated"] > 0.10 and rnd["harmless"]["added"] < 0.80
+
+
+@pytest.mark.slow
+def test_toy_numbers_agree_with_the_independent_hf_check(tmp_path):
+    """The experiment (bridge, probes hooks) against probes.toy.check (plain HF modules and torch hooks)."""
+    from probes import toy
+    from probes.toy import check
+
+    if not (toy.path() / "instruct" / "config.json").exists():
+        pytest.skip(f"the toy pair's weights are not in {toy.path()}")
+    res = tiny.load_experiment("refusal_direction").main(
+        ["--pair", "toy", "--out", str(tmp_path), "--device", "cpu", "--max-new-tokens", "4"]).results
+    ref = check.measure(toy.path())
+    # Same prompts: the sign filter kept every train prompt, so both directions come from the same 128 + 128.
+    assert res["filtered_train"]["harmful_kept"] == res["filtered_train"]["harmful_total"]
+    assert res["filtered_train"]["harmless_kept"] == res["filtered_train"]["harmless_total"]
+    layer = res["chosen"]["layer"]
+    assert layer == ref["chosen_layer"]
+    row = next(r for r in ref["per_layer"] if r["layer"] == layer)
+    assert res["chosen_norm"] == pytest.approx(row["norm"], rel=1e-5)
+    assert res["kl_harmless_ablation"] == pytest.approx(ref["test"]["harmless_kl"], rel=1e-4, abs=1e-7)
+    for r in ref["per_layer"]:
+        assert res["cosine_base_instruct"][r["layer"]] == pytest.approx(r["cosine_base"], abs=1e-5)
+    # The experiment judges generated text, the check the first token; the toy's only refusal starts with "sorry".
+    assert res["transfer"]["base_direction_in_instruct"]["harmful"]["ablated"] == pytest.approx(row["transfer_refusal"])
