@@ -30,6 +30,8 @@ def heatmap(
     fig = go.Figure(heatmap_trace(z, x=x, y=y, diverging=diverging, text=text, hover=hover, colorbar=colorbar,
                                   zmin=zmin, zmax=zmax))
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis)
+    if y is None:  # row indices are layers: whole-number ticks only
+        fig.update_yaxes(dtick=1)
     return fig
 
 
@@ -63,6 +65,8 @@ def side_by_side(zs: dict[str, object], *, x=None, y=None, title: str = "", dive
         fig.add_trace(heatmap_trace(a, x=x, y=y, diverging=diverging, zmin=lo, zmax=hi, colorbar=colorbar,
                                     showscale=i == len(arrays) - 1), row=1, col=i + 1)
         fig.update_xaxes(title_text=xaxis, row=1, col=i + 1)
+    if y is None:
+        fig.update_yaxes(dtick=1)
     fig.update_yaxes(title_text=yaxis, row=1, col=1)
     fig.update_layout(title=title)
     return fig

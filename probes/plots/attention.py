@@ -34,16 +34,18 @@ def mass_heatmaps(base, instruct, *, region: str, layers: Sequence[int] | None =
     d = i - b
     m = float(np.abs(d).max()) or 1.0
     hi = max(float(b.max()), float(i.max()), 1e-9)
-    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.08,
+    # Wide gaps: the shared scale's colour bar sits between the instruct and difference panels.
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.12,
                         subplot_titles=["base", "instruct", "instruct − base"])
     for col, (z, kw) in enumerate([(b, dict(colorscale=SEQUENTIAL, zmin=0, zmax=hi, showscale=False)),
                                    (i, dict(colorscale=SEQUENTIAL, zmin=0, zmax=hi,
-                                            colorbar=dict(title="mass", x=0.62))),
+                                            colorbar=dict(title="mass", x=0.655, len=0.9, thickness=14))),
                                    (d, dict(colorscale=DIVERGING, zmin=-m, zmax=m, zmid=0,
-                                            colorbar=dict(title="Δ mass", x=1.0)))], start=1):
+                                            colorbar=dict(title="Δ mass", x=1.0, len=0.9, thickness=14)))], start=1):
         fig.add_trace(go.Heatmap(z=z, x=x, y=y, hovertemplate="layer %{y} %{x}: %{z:.3f}<extra></extra>", **kw),
                       row=1, col=col)
         fig.update_xaxes(title_text="head", row=1, col=col)
+    fig.update_yaxes(dtick=1)
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(title=f"Attention mass from {query} onto the {region} region, {data} prompts "
                             "(mean over prompts)")

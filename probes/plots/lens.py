@@ -55,7 +55,7 @@ def lens_heatmap(result: LensResult, row: int = 0, tokenizer: Any = None, *, tit
     fig = go.Figure(heatmap_trace(z, x=x, y=result.layers, text=text, hover=hover, colorbar="p(top)", zmin=0,
                                   zmax=1))
     fig.update_layout(title=title or f"logit lens of {result.model} ({result.hook}): top token and its probability",
-                      xaxis=dict(tickvals=x, ticktext=ticks, title="token"), yaxis_title=f"layer ({result.hook})")
+                      xaxis=dict(tickvals=x, ticktext=ticks, title="token"), yaxis=dict(title=f"layer ({result.hook})", dtick=1))
     return fig
 
 
@@ -69,6 +69,7 @@ def paired_lens_heatmap(paired: PairedLens, row: int = 0, tokenizer: Any = None,
         fig.add_trace(heatmap_trace(z, x=x, y=res.layers, text=text, hover=hover, colorbar="p(top)", zmin=0, zmax=1,
                                     showscale=c == 2), row=1, col=c)
         fig.update_xaxes(tickvals=x, ticktext=ticks, title_text="token", row=1, col=c)
+    fig.update_yaxes(dtick=1)
     fig.update_yaxes(title_text=f"layer ({paired.base.hook})", row=1, col=1)
     fig.update_layout(title=title or f"logit lens, base vs instruct ({paired.base.hook}): top token and probability")
     return fig
@@ -85,7 +86,7 @@ def kl_heatmap(paired: PairedLens, row: int = 0, tokenizer: Any = None, *, rever
     name = "KL(base ‖ instruct)" if reverse else "KL(instruct ‖ base)"
     fig = go.Figure(heatmap_trace(z, x=x, y=paired.layers, hover=hover, colorbar="nats", zmin=0))
     fig.update_layout(title=title or f"{name} of the logit lens per layer and token ({paired.base.hook})",
-                      xaxis=dict(tickvals=x, ticktext=ticks, title="token"), yaxis_title=f"layer ({paired.base.hook})")
+                      xaxis=dict(tickvals=x, ticktext=ticks, title="token"), yaxis=dict(title=f"layer ({paired.base.hook})", dtick=1))
     return fig
 
 
