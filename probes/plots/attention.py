@@ -136,12 +136,14 @@ def attention_viewer(patterns: Mapping[tuple[int, int], object], tokens: Sequenc
                for j, (layer, head) in enumerate(keys)]
     legend = "  ".join(f"<span style='color:{c}'>■ {r}</span>" for r, c in ROLE_COLOURS.items() if r in set(roles))
     fig.update_layout(
-        title=f"{title} — layer {keys[0][0]}, head {keys[0][1]}",
-        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.12, yanchor="bottom")],
+        # The menu sits on its own row between the title and the plot, so neither covers the other.
+        margin=dict(t=140),
+        title=dict(text=f"{title} — layer {keys[0][0]}, head {keys[0][1]}", y=0.98, yanchor="top"),
+        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.02, yanchor="bottom")],
         xaxis=dict(title="key", tickangle=-60, tickmode="array", tickvals=labels, ticktext=labels),
         yaxis=dict(title="query", autorange="reversed", tickmode="array", tickvals=labels, ticktext=labels),
-        annotations=[dict(text=legend, xref="paper", yref="paper", x=1.0, y=1.12, showarrow=False,
+        annotations=[dict(text=legend, xref="paper", yref="paper", x=1.0, y=1.02, showarrow=False,
                           xanchor="right", yanchor="bottom")],
-        height=max(500, 18 * n + 200), width=max(600, 18 * n + 300),
+        height=max(540, 18 * n + 240), width=max(640, 18 * n + 300),
     )
     return fig
