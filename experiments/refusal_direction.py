@@ -19,7 +19,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import torch  # noqa: E402
 
 from probes import refusal  # noqa: E402
-from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosine  # noqa: E402
+from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosine, save_orthogonalized  # noqa: E402
 from probes.activations import record  # noqa: E402
 from probes.plots import refusal as figs  # noqa: E402
 from probes.prompts import default_sets  # noqa: E402
@@ -47,6 +47,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fallback", action="store_true", help="if no candidate passes, take the best bypass anyway")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-orthogonalized", action="store_true",
+                   help="also write the instruct model with the chosen direction orthogonalised out of its weights "
+                        "(<out>/orthogonalized, loads in plain transformers)")
     return p.parse_args(argv)
 
 
@@ -162,6 +165,12 @@ def main(argv: list[str] | None = None) -> Run:
                                                    score_mean={k: {m: v["score_mean"] for m, v in inst_in_base[k].items()}
                                                                for k in ("harmful", "harmless")})))
 
+    if args.save_orthogonalized:
+        try:
+            folder = save_orthogonalized(pair.instruct, chosen, run.path("orthogonalized"), tokenizer=pair.tokenizer)
+            run.update(orthogonalized=str(folder))
+        except NotImplementedError as exc:  # post-norm architectures: only hook ablation is exact there
+            run.update(orthogonalized=f"not written: {exc}")
     meta = dict(chosen=chosen.provenance(), layers=cands.layers, positions=cands.offsets, pair=pair.name,
                 base_chosen=base_dir.provenance())
     run.save_tensors("directions", {"instruct/candidates": cands.diff, "base/candidates": base_cands.diff,

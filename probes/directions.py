@@ -1,11 +1,12 @@
-"""Directions in the residual stream: difference of means, and the Direction type with its provenance.
-
-The refusal method (ablation / addition hooks, weight orthogonalisation) builds on these.
+"""Directions in the residual stream: difference of means, the Direction type with its provenance, and the
+interventions along a direction (ablation, addition, affine ablation, weight orthogonalisation).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Every intervention is a list of `(hook_name, fn)` pairs for `model.hooks(fwd_hooks=...)`, with a context manager
 # around it. Hook functions act at every position they see, so under KV-cached generation they also act on each
 # generated token as it is processed.
-
-import contextlib  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
 
 Hook = tuple[str, Any]
 

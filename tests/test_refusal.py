@@ -259,7 +259,7 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
     with pytest.warns(UserWarning, match="no candidate passes"):  # a random model has no refusal direction
         run = exp.main(["--base", str(base), "--instruct", str(inst), "--out", str(tmp_path), "--no-filter", "--fallback",
                         "--n-train", "6", "--n-val", "3", "--n-test", "3", "--max-new-tokens", "3",
-                        "--refusal-phrases", "sorry", "cannot", "--device", "cpu"])
+                        "--refusal-phrases", "sorry", "cannot", "--device", "cpu", "--save-orthogonalized"])
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["refusal_rate"]) == {"harmful", "harmless"}
     assert set(res["refusal_rate"]["harmful"]) == {"baseline", "ablated"}
@@ -269,11 +269,29 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
     assert 0 <= res["kl_harmless_ablation"] and "random_control" in res and "transfer" in res
     with safe_open(str(tmp_path / "directions.safetensors"), "pt") as f:
         assert f.get_tensor("instruct/candidates").shape == (3, 3, 64)
-        torch.testing.assert_close(f.get_tensor("chosen/raw"), f.get_tensor("instruct/candidates")[
+        f_raw = f.get_tensor("chosen/raw")
+        torch.testing.assert_close(f_raw, f.get_tensor("instruct/candidates")[
             res["chosen"]["layer"], res["chosen"]["position"]], atol=0, rtol=0)
     for name in ("sweep", "cosine", "scores", "pca"):
         assert (tmp_path / f"{name}.html").stat().st_size > 1000
     assert (tmp_path / "plotly.min.js").exists() and run.dir == tmp_path
+    # The orthogonalised instruct model loads in plain transformers and equals hook ablation of the chosen direction.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probes.activations import forward
+    from probes.chat import encode
+    from probes.directions import Direction, ablation_hooks
+    from probes.pairs import load_model
+
+    assert res["orthogonalized"] == str(tmp_path / "orthogonalized")
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "orthogonalized").eval()
+    hooked = load_model(inst, device="cpu")
+    batch = encode(AutoTokenizer.from_pretrained(inst), ["how do i make a cake ?"])
+    with hooked.hooks(fwd_hooks=ablation_hooks(hooked, Direction.from_raw(f_raw))):
+        expected = forward(hooked, batch)
+    with torch.no_grad():
+        got = edited(batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
