@@ -144,3 +144,32 @@ def test_passed_hf_model_is_not_mutated(tiny_pair_dirs):
     # Without the copy the bridge rewires the caller's model: the trap the copy guards against.
     load_model(folder, hf_model=hf, device="cpu", copy_hf_model=False)
     assert hf.config._attn_implementation == "eager"
+
+
+def test_hub_id_from_the_cache_loads_like_the_local_folder(tiny_pair_dirs, tmp_path):
+    """Lay the tiny pair out as a hub cache and load it by hub id, offline, in a fresh process."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    for which, folder in zip(("base", "instruct"), tiny_pair_dirs["llama"]):
+        repo = cache / f"models--probes-test--tiny-{which}"
+        shutil.copytree(folder, repo / "snapshots" / "0123abc")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abc")
+    code = (
+        "import torch, probes\n"
+        "pair = probes.load_pair('probes-test/tiny-base', 'probes-test/tiny-instruct', device='cpu')\n"
+        "local = probes.load_pair(*map(str, __import__('sys').argv[1:3]), device='cpu')\n"
+        "batch = pair.encode(['how do i make a cake ?'])\n"
+        "for which in ('base', 'instruct'):\n"
+        "    a = probes.record(pair[which], batch, positions='post_instruction', progress=False).tensor\n"
+        "    b = probes.record(local[which], batch, positions='post_instruction', progress=False).tensor\n"
+        "    assert torch.equal(a, b), which\n"
+        "print('same', pair.name)\n"
+    )
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, *map(str, tiny_pair_dirs["llama"])], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "same tiny-base__tiny-instruct" in out.stdout
