@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from logit_lens import prompt_groups  # noqa: E402
+from logit_lens import add_prompt_args, prompt_groups  # noqa: E402
 
 from probes.compare import TokenKL, instruct_responses, mean_diff, per_token_kl  # noqa: E402
 from probes.plots import compare as P  # noqa: E402
@@ -26,12 +26,7 @@ from probes.runs import Run, add_common_args, config_from_args, pair_from_args  
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.add_argument("--prompts", nargs="+", default=None,
-                   help="prompt files, one group each (default: the toy pair's test split, harmful and harmless; "
-                        "the built-in demo sets for other pairs)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
-    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p = add_prompt_args(add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
     p.add_argument("--response", default=None, help="one response for every prompt (default: instruct's greedy one)")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--lens-k", type=int, default=5, help="tokens promoted / suppressed listed per layer")

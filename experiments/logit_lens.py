@@ -25,17 +25,22 @@ LAST = "post_instruction[-1]"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.add_argument("--prompts", nargs="+", default=None,
-                   help="prompt files, one group each (default: the toy pair's test split, harmful and harmless; "
-                        "the built-in demo sets for other pairs)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
-    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p = add_prompt_args(add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
     p.add_argument("--targets", default="sorry,sure",
                    help="comma-separated words whose first token's rank and probability are tracked")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--examples", type=int, default=1, help="example prompts per group with a layer x token figure")
     return p.parse_args(argv)
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--prompts / --limit / --hook, shared with activation_diff.py (read by `prompt_groups`)."""
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="prompt files, one group each (default: the toy pair's test split, harmful and harmless; "
+                        "the built-in demo sets for other pairs)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
+    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    return p
 
 
 def prompt_groups(args: argparse.Namespace) -> dict[str, list[str]]:
