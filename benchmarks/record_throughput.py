@@ -101,7 +101,8 @@ def main() -> None:
     print(table)
     body = (f"`python benchmarks/record_throughput.py` — SmolLM2-135M-shaped random Llama (30 layers, d_model 576, "
             f"vocab 49,152), batch {BATCH} x {SEQ} tokens, CPU, {machine()}, {args.reps} interleaved repetitions "
-            "(median). `record_*` record `resid_post` at all 30 layers; the target is >= 0.9x the HF forward.\n\n"
+            "(median; ratios from single-thread CPU time, which a busy neighbour inflates far less than wall time). "
+            "`record_*` record `resid_post` at all 30 layers; the target is >= 0.9x the HF forward.\n\n"
             + table)
     if not args.no_write:
         write_section("Recording", body)
