@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine, median_time, peak_rss_mib, random_llama, write_section
+# peak_rss_mib is read as record_throughput.peak_rss_mib by the measuring subprocess (see measure_rss).
+from _common import machine, median_time, peak_rss_mib, random_llama, write_section  # noqa: F401
 
 import torch
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from probes.activations import Activations, check_fits, forward, last_logits, model_device, record
+from probes.activations import Activations, last_logits, model_device, record
 from probes.chat import ChatBatch
 from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
 
