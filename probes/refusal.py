@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from probes.activations import Activations, last_logits, model_device, record
 from probes.chat import ChatBatch
 from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
+from probes.lens import kl
 
 # First words of refusals. Real tokenizers map each to a first token; the toy's word-level vocabulary knows only
 # "sorry" among them (the capitalised words are <unk> there and are dropped).
@@ -108,8 +109,7 @@ def first_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tens
     if logits_p.shape != logits_q.shape or logits_p.ndim != 2:
         raise ValueError(f"logits shapes differ or are not [batch, vocab]: {tuple(logits_p.shape)} vs "
                          f"{tuple(logits_q.shape)}")
-    lp, lq = logits_p.double().log_softmax(-1), logits_q.double().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    return kl(logits_p.double().log_softmax(-1), logits_q.double().log_softmax(-1))
 
 
 def filter_by_score(model: Any, harmful: ChatBatch, harmless: ChatBatch, token_ids: Sequence[int], *,
