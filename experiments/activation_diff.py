@@ -18,11 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from logit_lens import add_prompt_args, prompt_groups  # noqa: E402
+from logit_lens import add_prompt_args, prompt_files, prompt_groups  # noqa: E402
 
 from probes.compare import TokenKL, instruct_responses, mean_diff, per_token_kl  # noqa: E402
 from probes.plots import compare as P  # noqa: E402
-from probes.runs import Run, add_common_args, config_from_args, pair_from_args  # noqa: E402
+from probes.args import add_common_args, load_pair_for, open_run  # noqa: E402
+from probes.runs import Run  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,11 +37,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Run:
     torch.set_num_threads(1)
     args = parse(argv)
-    pair = pair_from_args(args)
     groups = prompt_groups(args)
+    with open_run("activation_diff", args, prompt_files=prompt_files(args, groups)) as run:
+        compute(run, args, groups)
+    return run
+
+
+def compute(run: Run, args: argparse.Namespace, groups: dict[str, list[str]]) -> None:
+    pair = load_pair_for(run, args)
     texts = [t for v in groups.values() for t in v]
     group_of = [g for g, v in groups.items() for _ in v]
-    run = Run("activation_diff", pair.name, config_from_args(args), out=args.out)
 
     if args.response is not None:
         responses = [args.response] * len(texts)
@@ -94,9 +100,8 @@ def main(argv: list[str] | None = None) -> Run:
     if last in md.groups:
         run.save_figure("mean_diff_layer_cosine", P.layer_cosine_figure(md, last))
     run.save_figure("per_token_kl", P.per_token_kl_figure(tk, {g: r for g, r in rows.items() if r}))
-    print(f"{run.dir}: per-token KL(instruct ‖ base) along the response: "
+    print(f"{run.target}: per-token KL(instruct ‖ base) along the response: "
           + ", ".join(f"{v:.3f}" for v in run.results["per_token_kl"]))
-    return run
 
 
 if __name__ == "__main__":

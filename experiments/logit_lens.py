@@ -19,7 +19,8 @@ import torch
 from probes.lens import paired_lens
 from probes.plots import heatmap
 from probes.plots import lens as P
-from probes.runs import Run, add_common_args, config_from_args, is_toy, pair_from_args
+from probes.args import add_common_args, is_toy, load_pair_for, open_run
+from probes.runs import Run
 
 LAST = "post_instruction[-1]"
 
@@ -78,18 +79,28 @@ def first_tokens(tokenizer, words: str) -> tuple[list[int], list[str]]:
     return ids, [tokenizer.decode([i]) for i in ids]
 
 
+def prompt_files(args: argparse.Namespace, groups: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
+    """{group: (file, prompts used)} for the run's provenance (empty for the built-in sets)."""
+    return {Path(f).stem: (f, len(groups[Path(f).stem])) for f in args.prompts or ()}
+
+
 def main(argv: list[str] | None = None) -> Run:
     torch.set_num_threads(1)
     args = parse(argv)
-    pair = pair_from_args(args)
     groups = prompt_groups(args)
+    with open_run("logit_lens", args, prompt_files=prompt_files(args, groups)) as run:
+        compute(run, args, groups)
+    return run
+
+
+def compute(run: Run, args: argparse.Namespace, groups: dict[str, list[str]]) -> None:
+    pair = load_pair_for(run, args)
     texts = [t for v in groups.values() for t in v]
     rows, start = {}, 0
     for name, v in groups.items():
         rows[name], start = list(range(start, start + len(v))), start + len(v)
     batch = pair.encode(texts)
     target_ids, target_names = first_tokens(pair.tokenizer, args.targets)
-    run = Run("logit_lens", pair.name, config_from_args(args), out=args.out)
 
     res = paired_lens(pair, batch, hook=args.hook, positions="post_instruction", targets=target_ids, top_k=args.top_k,
                       batch_size=args.batch_size)
@@ -141,9 +152,8 @@ def main(argv: list[str] | None = None) -> Run:
                 one, 0, pair.tokenizer, title=f"logit lens of {pair.name} on {g} prompt {i}: {texts[i][:60]!r}"))
             run.save_figure(f"kl_{g}_{i}", P.kl_heatmap(
                 one, 0, pair.tokenizer, title=f"KL(instruct ‖ base) per layer and token, {g} prompt {i}"))
-    print(f"{run.dir}: KL(instruct ‖ base) at {LAST} by layer: "
+    print(f"{run.target}: KL(instruct ‖ base) at {LAST} by layer: "
           + ", ".join(f"{v:.3f}" for v in run.results["kl_instruct_base"]))
-    return run
 
 
 if __name__ == "__main__":

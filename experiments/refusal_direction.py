@@ -23,7 +23,8 @@ from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosi
 from probes.activations import record  # noqa: E402
 from probes.plots import refusal as figs  # noqa: E402
 from probes.prompts import default_sets  # noqa: E402
-from probes.runs import Run, add_common_args, config_from_args, is_toy, pair_from_args  # noqa: E402
+from probes.args import add_common_args, is_toy, load_pair_for, open_run  # noqa: E402
+from probes.runs import Run  # noqa: E402
 
 
 def _nan_none(t: torch.Tensor) -> list:
@@ -84,10 +85,17 @@ def main(argv: list[str] | None = None) -> Run:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pair = pair_from_args(args)
-    run = Run("refusal_direction", pair.name, config_from_args(args), out=args.out)
-    tok_ids = refusal.refusal_tokens(pair.tokenizer, args.refusal_phrases)
     splits = prompt_splits(args)
+    files = {kind: (getattr(args, kind), sum(len(d[kind]) for d in splits.values()))
+             for kind in ("harmful", "harmless") if getattr(args, kind)}
+    with open_run("refusal_direction", args, prompt_files=files) as run:
+        compute(run, args, splits, t0)
+    return run
+
+
+def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list[str]]], t0: float) -> None:
+    pair = load_pair_for(run, args)
+    tok_ids = refusal.refusal_tokens(pair.tokenizer, args.refusal_phrases)
     b = {s: {k: pair.encode(v) for k, v in d.items()} for s, d in splits.items()}
     bs, L = args.batch_size, pair.n_layers
     run.update(refusal_tokens=tok_ids, refusal_token_text=[pair.tokenizer.decode([i]) for i in tok_ids],
@@ -193,11 +201,10 @@ def main(argv: list[str] | None = None) -> Run:
                                                title=f"{pair.name}: resid_pre[{sel.layer}] at post_instruction"
                                                      f"[{sel.offset}], test prompts, top-2 PCs"))
     run.update(wall_s=time.perf_counter() - t0)
-    return run
 
 
 if __name__ == "__main__":
     r = main(sys.argv[1:])
     res = r.results
     print(f"chosen {res['chosen']}; refusal rates {res['refusal_rate']}; KL {res['kl_harmless_ablation']:.4f}; "
-          f"run folder {r.dir}")
+          f"run folder {r.target}")

@@ -17,7 +17,8 @@ import torch
 
 from probes import attention as A
 from probes.plots import attention as P
-from probes.runs import Run, add_common_args, config_from_args, is_toy, pair_from_args
+from probes.args import add_common_args, is_toy, load_pair_for, open_run
+from probes.runs import Run
 
 QUERY = "post_instruction[-1]"
 
@@ -67,10 +68,16 @@ def score_function(pair, words: str):
 def main(argv: list[str] | None = None) -> Run:
     torch.set_num_threads(1)
     args = parse(argv)
-    pair = pair_from_args(args)
     texts = prompt_sets(args)
+    files = {kind: (getattr(args, kind), len(texts[kind])) for kind in texts if getattr(args, kind)}
+    with open_run("template_attention", args, prompt_files=files) as run:
+        compute(run, args, texts)
+    return run
+
+
+def compute(run: Run, args: argparse.Namespace, texts: dict[str, list[str]]) -> None:
+    pair = load_pair_for(run, args)
     batches = {kind: pair.encode(t) for kind, t in texts.items()}
-    run = Run("template_attention", pair.name, config_from_args(args), out=args.out)
     L, H = pair.n_layers, pair.n_heads
     layers = list(range(L))
 
@@ -161,7 +168,6 @@ def main(argv: list[str] | None = None) -> Run:
     b = batches["harmful"]
     run.save_figure("attention_viewer", P.attention_viewer(
         patterns, b.tokens(vi), b.row_roles(vi), title=f"{pair.name} instruct, harmful prompt {vi}"))
-    return run
 
 
 if __name__ == "__main__":

@@ -24,15 +24,40 @@ def cmd_pairs(_: argparse.Namespace) -> int:
     return 0
 
 
+def _with_out(rest: list[str], out: str) -> list[str]:
+    """`rest` with its `--out` value replaced by `out`."""
+    args, i = [], 0
+    while i < len(rest):
+        if rest[i] == "--out":
+            i += 2
+            continue
+        if not rest[i].startswith("--out="):
+            args.append(rest[i])
+        i += 1
+    return [*args, "--out", out]
+
+
+def _out_value(rest: list[str]) -> str | None:
+    for i, a in enumerate(rest):
+        if a == "--out" and i + 1 < len(rest):
+            return rest[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    out = _out_value(rest)
     for name in names:
         script = _experiments_dir() / f"{name}.py"
         if not script.exists():
             raise SystemExit(f"experiment script {script} not found (run from a source checkout)")
         print(f"== {name}", flush=True)
         saved = sys.argv
-        sys.argv = [str(script), *rest]
+        # `all` with one --out: every experiment gets its own subfolder, never one shared folder.
+        argv = _with_out(rest, str(Path(out) / name)) if out is not None and len(names) > 1 else rest
+        sys.argv = [str(script), *argv]
         try:
             runpy.run_path(str(script), run_name="__main__")
         finally:

@@ -80,7 +80,10 @@ def resolve_source(source: str | os.PathLike) -> str:
 
         return str(toy.path() / src.split(":", 1)[1])
     if Path(src).expanduser().is_dir():
-        return str(Path(src).expanduser())
+        folder = Path(src).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{src!r} is a folder without config.json: not a model folder")
+        return str(folder)
     if Path(src).expanduser().exists() or src.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{src!r} is not a model folder (expected a directory with config.json)")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -224,6 +227,7 @@ class ModelPair:
     offload: bool = False
     base_tokenizer: Any = None
     sources: dict[str, str] = field(default_factory=dict)
+    resolved: dict[str, str] = field(default_factory=dict)  # what was loaded: a folder, or a hub id
 
     @property
     def cfg(self) -> Any:
@@ -342,4 +346,5 @@ def load_pair(
         base=models["base"], instruct=models["instruct"], tokenizer=tokenizer, name=name, device=device,
         dtype=dtype or torch.float32, offload=offload, base_tokenizer=base_tokenizer,
         sources={"base": base_src, "instruct": instruct_src},
+        resolved={"base": base_path, "instruct": instruct_path},
     )

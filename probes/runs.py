@@ -1,42 +1,40 @@
-"""Run folders: every experiment writes config, results, tensors and figures to one folder.
+"""Run folders: every experiment writes config, results, tensors and figures to one folder, atomically.
 
-Results are written atomically after every update, so an interrupted run keeps what it had finished.
+A run writes into `.<name>.partial/` beside its target folder and moves it into place only when it is complete, with
+`run.json` (status, times, the sha256 of every file) as the completion marker; an interrupted run leaves the previous
+complete run untouched. A target that already holds a run is refused unless `mode="overwrite"` (the new run replaces
+it whole, once complete) or `mode="resume"` (an interrupted run continues, reusing its finished chunks: see
+`probes.checkpoints`). A lock file beside the target refuses a second writer.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
-import platform
-import sys
+import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from probes import provenance
+from probes.checkpoints import ChunkStore
+
 FIGURES_ROOT = Path("figures")
+MARKER = "run.json"
+MODES = ("new", "overwrite", "resume")
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers."""
-    out = {"python": platform.python_version()}
-    for name in ("probes", "torch", "transformers", "transformer_lens", "numpy", "plotly"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name.replace("_", "-"))
-        except Exception:
-            out[name] = "unknown"
-    return out
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used as asked (it holds a run, another run writes to it, it is no run folder)."""
 
 
-def device_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["platform"] = platform.platform()
-    return info
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _jsonable(x: Any) -> Any:
@@ -59,38 +57,140 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (temp file + rename)."""
+    text = json.dumps(_jsonable(data), indent=2)  # serialise first: a refused value leaves the old file as it was
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The `run.json` of `folder`, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(folder: Path) -> bool:
+    marker = read_marker(folder)
+    return marker is not None and marker.get("status") == "complete"
+
+
+class _Lock:
+    """An exclusive `flock` on `<parent>/.<name>.lock`, held for the life of the run (released by the OS on exit)."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunFolderError(f"another run is writing to {path.parent / path.name[1:-5]} (lock {path} held by "
+                                 f"pid {holder}): wait for it, or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 class Run:
     """A run folder: `<root>/<experiment>/<pair>/` unless `out` is given.
 
-    Holds `config.json` (arguments, seed, package versions, device, command line), `results.json` (updated
-    as results arrive), tensors as safetensors, and figures as HTML with one shared `plotly.min.js` beside them
-    so they open offline.
+    Holds `config.json` (arguments, provenance: see `probes.provenance`), `results.json` (rewritten as results
+    arrive), tensors as safetensors, figures as HTML with one shared `plotly.min.js` beside them (they open offline),
+    and `run.json` once complete. While running, `dir` is the partial folder; after `finish()`, the target.
+
+    Use it as a context manager: a clean exit finishes the run, an exception (or SIGINT / SIGTERM) marks the partial
+    folder interrupted and leaves the target as it was.
     """
 
-    def __init__(self, experiment: str, pair: str, config: dict[str, Any], out: str | os.PathLike | None = None):
-        self.dir = Path(out) if out is not None else FIGURES_ROOT / experiment / pair.replace("/", "_")
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, experiment: str, pair: str, config: dict[str, Any], out: str | os.PathLike | None = None,
+                 *, mode: str = "new"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.target = Path(out) if out is not None else FIGURES_ROOT / experiment / pair.replace("/", "_")
+        if self.target.exists() and not self.target.is_dir():
+            raise RunFolderError(f"{self.target} is a file, not a run folder")
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"cannot create the run folder's parent {parent}: {exc}") from None
+        if not os.access(parent, os.W_OK):
+            raise RunFolderError(f"{parent} is not writable")
+        self.partial = parent / f".{self.target.name}.partial"
+        self.mode = mode
+        self._lock = _Lock(parent / f".{self.target.name}.lock")
+        try:
+            self._check_target(mode)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.resumed = mode == "resume" and self.partial.is_dir()
+        if not self.resumed:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(exist_ok=True)
+        self.dir = self.partial
+        self.chunks = ChunkStore(self.partial / "chunks")
         self.results: dict[str, Any] = {}
-        self.config = {
-            "experiment": experiment, "pair": pair, **config,
-            "versions": versions(), "device": device_info(),
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv,
-        }
-        write_json(self.dir / "config.json", self.config)
+        self.finished = False
+        self._signals: dict[int, Any] = {}
+        self.config = {"experiment": experiment, "pair": pair, **config, "mode": mode, "resumed": self.resumed,
+                       "started": _now(), **provenance.environment()}
+        write_json(self.partial / "config.json", self.config)
+        self._marker("running")
 
+    def _check_target(self, mode: str) -> None:
+        t, partial = self.target, self.partial
+        self._recover_swap()
+        holds_files = t.is_dir() and any(t.iterdir())
+        if holds_files and read_marker(t) is None:
+            raise RunFolderError(f"{t} holds files but no {MARKER}: it is not a run folder; choose another --out")
+        if mode == "new":
+            if holds_files:
+                raise RunFolderError(f"{t} already holds a run ({read_marker(t).get('status')}): pass --overwrite to "
+                                     "replace it whole once the new run completes, or choose another --out")
+            if partial.exists():
+                raise RunFolderError(f"an interrupted run is at {partial}: pass --resume to continue it (finished "
+                                     "chunks are reused) or --overwrite to discard it")
+        if mode == "resume" and not partial.exists() and holds_files:
+            raise RunFolderError(f"{t} is complete and there is no interrupted run to resume: pass --overwrite "
+                                 "to recompute it")
+
+    def _recover_swap(self) -> None:
+        """Undo a swap that was cut between its two renames (target moved aside, partial not yet in place)."""
+        if self.target.exists():
+            return
+        for old in sorted(self.target.parent.glob(f".{self.target.name}.old-*")):
+            if is_complete(old):
+                os.replace(old, self.target)
+                return
+
+    def _marker(self, status: str, **extra: Any) -> None:
+        write_json(self.dir / MARKER, {"status": status, "experiment": self.config["experiment"],
+                                       "started": self.config["started"], "updated": _now(), **extra})
+
+    # ------------------------------------------------------------------------------------------------ contents
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    def update_config(self, **entries: Any) -> None:
+        """Add provenance or resolved inputs to `config.json` (e.g. model hashes once the pair has loaded)."""
+        self.config.update(_jsonable(entries))
+        write_json(self.dir / "config.json", self.config)
+
     def update(self, **results: Any) -> None:
         """Add results and rewrite `results.json` at once."""
-        self.results.update(_jsonable(results))
+        new = _jsonable(results)  # raises on NaN before anything changes
+        self.results.update(new)
         write_json(self.dir / "results.json", self.results)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
@@ -107,43 +207,81 @@ class Run:
     def save_figure(self, name: str, fig: Any) -> Path:
         """`name`.html next to a single `plotly.min.js` (written once per folder)."""
         path = self.dir / f"{name}.html"
-        fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
+        tmp = self.dir / f".{name}.html.tmp"
+        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
+        os.replace(tmp, path)
         return path
 
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def finish(self) -> Path:
+        """Mark the run complete and move it into place (replacing the target whole when overwriting)."""
+        if self.finished:
+            return self.dir
+        shutil.rmtree(self.partial / "chunks", ignore_errors=True)  # resume scratch: the results hold it all
+        files = {p.name: provenance.file_sha256(p) for p in sorted(self.partial.iterdir())
+                 if p.is_file() and p.name != MARKER}
+        self._marker("complete", finished=_now(), files=files)
+        t = self.target
+        if t.exists():
+            old = t.parent / f".{t.name}.old-{os.getpid()}"
+            os.replace(t, old)
+            os.replace(self.partial, t)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.partial, t)
+        self.dir = t
+        self.finished = True
+        self._lock.release()
+        return t
 
-def add_common_args(parser: Any, default_pair: str = "toy") -> Any:
-    """The arguments every experiment takes: pair, out, device, dtype, seed, batch size, offload."""
-    parser.add_argument("--pair", default=default_pair, help="registry key (see `probes pairs`)")
-    parser.add_argument("--base", default=None, help="base model hub id or folder (with --instruct, instead of --pair)")
-    parser.add_argument("--instruct", default=None, help="instruct model hub id or folder")
-    parser.add_argument("--out", default=None, help="run folder (default figures/<experiment>/<pair>)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--offload", action="store_true", help="keep one model on the device at a time")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    return parser
+    def abort(self, status: str = "interrupted", error: str | None = None) -> None:
+        """Leave the partial folder for `--resume`, marked with why it stopped; the target is untouched."""
+        if self.finished:
+            return
+        with contextlib.suppress(OSError):
+            self._marker(status, **({"error": error} if error else {}))
+        self._lock.release()
+
+    def __enter__(self) -> Run:
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the partial folder is marked interrupted.
+            self._signals[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self._activation = self.chunks.activate()
+        self._activation.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._activation.__exit__(exc_type, exc, tb)
+        for sig, handler in self._signals.items():
+            signal.signal(sig, handler)
+        if exc_type is None:
+            self.finish()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.abort("interrupted")
+        else:
+            self.abort("failed", f"{exc_type.__name__}: {exc}")
 
 
-def pair_from_args(args: Any) -> Any:
-    """Load the pair named by `add_common_args` arguments, with the seed set."""
-    from probes.pairs import load_pair
-
-    torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
-    common = dict(device=args.device, dtype=dtype, offload=args.offload, trust_remote_code=args.trust_remote_code)
-    if args.base or args.instruct:
-        if not (args.base and args.instruct):
-            raise SystemExit("--base and --instruct go together")
-        return load_pair(args.base, args.instruct, **common)
-    return load_pair(args.pair, **common)
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
-def is_toy(args: Any) -> bool:
-    """Whether `add_common_args` arguments name the shipped toy pair."""
-    return args.pair == "toy" and not (args.base or args.instruct)
+def load_run(folder: str | os.PathLike) -> dict[str, Any]:
+    """`{"config", "results", "marker"}` of a complete run folder, after checking every file's sha256.
 
-
-def config_from_args(args: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items()}
+    Raises `RunFolderError` naming the folder or file when the run is incomplete or a file changed.
+    """
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None:
+        raise RunFolderError(f"{folder}: no {MARKER}: not a run folder")
+    if marker.get("status") != "complete":
+        raise RunFolderError(f"{folder}: the run is {marker.get('status')!r}, not complete")
+    for name, digest in marker.get("files", {}).items():
+        p = folder / name
+        if not p.is_file():
+            raise RunFolderError(f"{p}: listed in {MARKER} but missing")
+        if provenance.file_sha256(p) != digest:
+            raise RunFolderError(f"{p}: sha256 differs from {MARKER}: the file changed after the run")
+    return {"marker": marker, "config": json.loads((folder / "config.json").read_text()),
+            "results": json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}}
