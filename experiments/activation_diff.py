@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> Run:
     torch.set_num_threads(1)
     args = parse(argv)
     groups = prompt_groups(args)
-    with open_run("activation_diff", args, prompt_files=prompt_files(args, groups)) as run:
+    with open_run("activation_diff", args, prompt_files=prompt_files(args, groups), prompts=groups) as run:
         compute(run, args, groups)
     return run
 

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> Run:
     splits = prompt_splits(args)
     files = {kind: (getattr(args, kind), sum(len(d[kind]) for d in splits.values()))
              for kind in ("harmful", "harmless") if getattr(args, kind)}
-    with open_run("refusal_direction", args, prompt_files=files) as run:
+    with open_run("refusal_direction", args, prompt_files=files,
+                  prompts={f"{s}/{k}": v for s, d in splits.items() for k, v in d.items()}) as run:
         compute(run, args, splits, t0)
     return run
 

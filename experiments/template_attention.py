@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> Run:
     args = parse(argv)
     texts = prompt_sets(args)
     files = {kind: (getattr(args, kind), len(texts[kind])) for kind in texts if getattr(args, kind)}
-    with open_run("template_attention", args, prompt_files=files) as run:
+    with open_run("template_attention", args, prompt_files=files, prompts=texts) as run:
         compute(run, args, texts)
     return run
 

@@ -97,16 +97,19 @@ def config_from_args(args: Any) -> dict[str, Any]:
 
 
 def open_run(experiment: str, args: Any, *, prompt_files: dict[str, Any] | None = None,
-             inputs: dict[str, Any] | None = None) -> Run:
+             prompts: dict[str, list[str]] | None = None, inputs: dict[str, Any] | None = None) -> Run:
     """Check the model sources and open the run folder (refusing an existing run unless --overwrite / --resume).
 
     prompt_files: {label: (path, n_used)} of the prompt files read, hashed into config.json; inputs: other input
-    facts to record (e.g. built-in sets used).
+    facts to record; prompts: {group: instructions} as used, each recorded with its count and sha256 (so runs on
+    the built-in sets, which have no file of their own, are pinned too).
     """
     sources = check_sources(args)
     mode = "overwrite" if getattr(args, "overwrite", False) else "resume" if getattr(args, "resume", False) else "new"
-    prompts = {label: provenance.prompt_file(path, n) for label, (path, n) in (prompt_files or {}).items()}
-    config = config_from_args(args) | {"sources": sources, "inputs": {"prompt_files": prompts, **(inputs or {})}}
+    files = {label: provenance.prompt_file(path, n) for label, (path, n) in (prompt_files or {}).items()}
+    used = {g: {"n": len(v), "sha256": provenance.sha256_bytes("\n".join(v))} for g, v in (prompts or {}).items()}
+    config = config_from_args(args) | {"sources": sources,
+                                       "inputs": {"prompt_files": files, "prompts": used, **(inputs or {})}}
     from probes.runs import RunFolderError
 
     try:
