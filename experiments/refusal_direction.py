@@ -177,7 +177,7 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
     if args.save_orthogonalized:
         try:
             folder = save_orthogonalized(pair.instruct, chosen, run.path("orthogonalized"), tokenizer=pair.tokenizer)
-            run.update(orthogonalized=str(folder))
+            run.update(orthogonalized=folder.name)  # relative: the run folder moves into place when complete
         except NotImplementedError as exc:  # post-norm architectures: only hook ablation is exact there
             run.update(orthogonalized=f"not written: {exc}")
     meta = dict(chosen=chosen.provenance(), layers=cands.layers, positions=cands.offsets, pair=pair.name,

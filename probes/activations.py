@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from probes import checkpoints
 from probes.chat import ROLE_ID, ChatBatch
 
 # Short hook names -> TransformerLens hook names (resid_pre of layer l is the input of block l).
@@ -278,19 +279,27 @@ def record(
     chunks = batch.chunks(batch_size)
     for start, sub in tqdm(chunks, desc=f"record {model_name or model.cfg.model_name}", disable=not progress or len(chunks) < 2,
                        leave=False):
-        index, weights, _ = position_selector(sub, positions)
-        index, weights = index.to(device), weights.to(device)
-        out = {h: kept[h][start : start + len(sub)] if kept is not None else
-               torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
+        def one_chunk(sub: ChatBatch = sub) -> dict[str, torch.Tensor]:
+            index, weights, _ = position_selector(sub, positions)
+            index, weights = index.to(device), weights.to(device)
+            got = {h: torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
 
-        def make_hook(h: str, li: int):
-            def fn(act: torch.Tensor, hook: Any) -> None:
-                out[h][:, li] = select_positions(act, index, weights).cpu()
-            return fn
+            def make_hook(h: str, li: int):
+                def fn(act: torch.Tensor, hook: Any) -> None:
+                    got[h][:, li] = select_positions(act, index, weights).cpu()
+                return fn
 
-        fwd = [(hook_name(h, layer), make_hook(h, li)) for h in hooks for li, layer in enumerate(layers)]
-        with model.hooks(fwd_hooks=fwd):
-            forward(model, sub, return_type=None, stop_at_layer=stop if stop < n_layers else None)
+            fwd = [(hook_name(h, layer), make_hook(h, li)) for h in hooks for li, layer in enumerate(layers)]
+            with model.hooks(fwd_hooks=fwd):
+                forward(model, sub, return_type=None, stop_at_layer=stop if stop < n_layers else None)
+            return got
+
+        # A finished chunk is kept in the active run's store (if any), so an interrupted run resumes after it.
+        out = checkpoints.chunk("record", model, dict(hooks=hooks, layers=layers, positions=labels),
+                                [sub.input_ids, sub.attention_mask, sub.roles], one_chunk)
+        if kept is not None:
+            for h in hooks:
+                kept[h][start : start + len(sub)] = out[h]
         for h in hooks:
             chunk_sum = out[h].sum(0, dtype=torch.float64)
             # A NaN or inf anywhere makes the sum non-finite: one pass checks and accumulates.

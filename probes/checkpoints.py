@@ -136,14 +136,37 @@ def active() -> ChunkStore | None:
     return _ACTIVE.get()
 
 
-def chunk(name: str, model: Any, params: Any, inputs: Any,
+def chunk(name: str, models: Any, params: Any, inputs: Any,
           fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """`fn()` through the active store when there is one and `model` runs un-intervened; else `fn()` itself.
+    """`fn()` through the active store when there is one and every model runs un-intervened; else `fn()` itself.
 
-    name: the loop; params: what besides the inputs decides the result (hooks, layers, positions, ...); inputs:
-    the chunk's tensors (token ids, attention mask, ...).
+    name: the loop; models: the model (or models) the chunk runs through, fingerprinted into the key; params: what
+    besides the inputs decides the result (hooks, layers, positions, ...); inputs: the chunk's tensors (token ids,
+    attention mask, ...).
     """
     store = active()
-    if store is None or (model is not None and not cacheable(model)):
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if store is None or not all(cacheable(m) for m in models):
         return fn()
-    return store.compute(key(name, fingerprint(model) if model is not None else None, params, inputs), fn)
+
+    def inner() -> dict[str, torch.Tensor]:
+        token = _ACTIVE.set(None)  # loops inside this chunk (e.g. record inside the lens) store nothing twice
+        try:
+            return fn()
+        finally:
+            _ACTIVE.reset(token)
+
+    return store.compute(key(name, [fingerprint(m) for m in models], params, inputs), inner)
+
+
+def pack(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`{group: {name: tensor}}` -> `{"group/name": tensor}`, the flat form a chunk file holds."""
+    return {f"{g}/{n}": t for g, d in parts.items() for n, t in d.items()}
+
+
+def unpack(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in flat.items():
+        g, n = k.split("/", 1)
+        out.setdefault(g, {})[n] = t
+    return out

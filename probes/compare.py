@@ -293,11 +293,11 @@ def per_token_kl(
 
 def instruct_responses(pair: Any, batch: ChatBatch, *, max_new_tokens: int = 16, batch_size: int = 16,
                        progress: bool = True) -> list[str]:
-    """The instruct model's own greedy responses to `batch` (`probes.refusal.generate`), as text.
+    """The instruct model's own greedy responses to `batch` (`probes.generation.generate`), as text.
 
     A model that stops at once gives an empty string; `per_token_kl` refuses such rows, so filter them first.
     """
-    from probes.refusal import generate
+    from probes.generation import generate
 
     with pair.on_device("instruct") as model:
         return list(generate(model, batch, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from probes import checkpoints
+
 from probes.activations import record
 from probes.chat import ChatBatch
 
@@ -422,18 +424,31 @@ def _lens(models: Any, batch: ChatBatch, *, hook: str, layers: Any, positions: P
     parts: dict[str, list[dict[str, torch.Tensor]]] = {w: [] for w in whiches}
     kls: dict[str, list[torch.Tensor]] = {"kl_instruct_base": [], "kl_base_instruct": []}
     chunks = batch.chunks(batch_size)
+    params = dict(hook=hook, layers=layer_list, positions=labels, spec=str(spec), top_k=top_k, keep=keep_logprobs)
     for first_row, sub in tqdm(chunks, desc="logit lens", disable=not progress or len(chunks) < 2, leave=False):
         sub_tgt = None if tgt is None else tgt[first_row : first_row + len(sub)]
-        resid = {}
+
+        def one_chunk(sub: ChatBatch = sub, sub_tgt: torch.Tensor | None = sub_tgt) -> dict[str, torch.Tensor]:
+            resid = {}
+            for which in whiches:
+                with on_device(which) as model:
+                    resid[which] = _capture(model, sub, hook, layer_list, spec)
+            got = {which: _decode_chunk(heads[which], *resid[which], sub_tgt, top_k, pos_chunk, keep_logprobs)
+                   for which in whiches}
+            if paired:
+                kib, kbi = _paired_kl(heads, resid, pos_chunk)
+                got["kl"] = {"kl_instruct_base": kib, "kl_base_instruct": kbi}
+            return checkpoints.pack(got)
+
+        # A finished chunk is kept in the active run's store, so an interrupted run resumes after it.
+        got = checkpoints.unpack(checkpoints.chunk(
+            "logit_lens", [models[w] for w in whiches], params,
+            [sub.input_ids, sub.attention_mask, sub.roles, sub_tgt], one_chunk))
         for which in whiches:
-            with on_device(which) as model:
-                resid[which] = _capture(model, sub, hook, layer_list, spec)
-        for which in whiches:
-            parts[which].append(_decode_chunk(heads[which], *resid[which], sub_tgt, top_k, pos_chunk, keep_logprobs))
+            parts[which].append(got[which])
         if paired:
-            kib, kbi = _paired_kl(heads, resid, pos_chunk)
-            kls["kl_instruct_base"].append(kib)
-            kls["kl_base_instruct"].append(kbi)
+            kls["kl_instruct_base"].append(got["kl"]["kl_instruct_base"])
+            kls["kl_base_instruct"].append(got["kl"]["kl_base_instruct"])
 
     out: dict[str, Any] = {}
     for which in whiches:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from probes.activations import Activations, last_logits, model_device, record
 from probes.chat import ChatBatch
 from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
+from probes.generation import Generation, generate  # noqa: F401  (re-exported: generation used to live here)
 from probes.lens import kl
 
 # First words of refusals. Real tokenizers map each to a first token; the toy's word-level vocabulary knows only
@@ -273,76 +274,6 @@ def select(scores: Sweep, n_layers: int, *, max_layer_frac: float = 0.8, kl_max:
 
 
 # ------------------------------------------------------------------------------------------ generation and judge
-
-@dataclass
-class Generation:
-    """Greedy continuations: `tokens` `[batch, max_new_tokens]` (pad after a stop token), `texts` decoded without
-    special tokens."""
-
-    tokens: torch.Tensor
-    texts: list[str]
-
-
-def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "original_model", None), "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
-    return {int(i) for i in ids}
-
-
-@torch.no_grad()
-def generate(model: Any, batch: ChatBatch, max_new_tokens: int = 16, hooks: Hooks = (), *, batch_size: int = 16,
-             use_cache: bool = True, stop_ids: Sequence[int] | None = None, progress: bool = True) -> Generation:
-    """Greedy generation under `hooks`, batched over left-padded prompts.
-
-    With `use_cache`, the prompt is run once and each new token is fed alone with the HF cache
-    (`return_type="logits_and_cache"`, the full attention mask, positions derived from it by the bridge); the hooks
-    fire on every new token as it is processed. `use_cache=False` recomputes the whole sequence at every step (the
-    reference the tests compare against). A row stops at a stop id (default: the tokenizer's EOS and the model's
-    generation-config EOS ids); later tokens are pad.
-    """
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if len(batch) == 0:
-        raise ValueError("empty batch")
-    tok = batch.tokenizer
-    stops = set(stop_ids) if stop_ids is not None else _stop_ids(tok, model)
-    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx is not None and batch.seq_len + max_new_tokens > n_ctx:
-        raise ValueError(f"{batch.seq_len} prompt + {max_new_tokens} new tokens exceed the context of {n_ctx}")
-    device = model_device(model)
-    out = []
-    with model.hooks(fwd_hooks=list(hooks)):
-        for _, sub in tqdm(batch.chunks(batch_size), desc="generate", disable=not progress or len(batch) <= batch_size,
-                           leave=False):
-            ids, mask = sub.input_ids.to(device), sub.attention_mask.to(device)
-            new = torch.full((len(sub), max_new_tokens), pad, dtype=torch.long)
-            done = torch.zeros(len(sub), dtype=torch.bool)
-            cache = None
-            if use_cache:
-                logits, cache = model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
-            else:
-                logits = model(ids, attention_mask=mask, return_type="logits")
-            for step in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1).cpu()
-                new[:, step] = torch.where(done, torch.full_like(nxt, pad), nxt)
-                done |= torch.tensor([int(t) in stops for t in nxt.tolist()])
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                ids = torch.cat([ids, nxt[:, None].to(device)], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                if use_cache:
-                    logits, cache = model(ids[:, -1:], attention_mask=mask, past_key_values=cache,
-                                          return_type="logits_and_cache", use_cache=True)
-                else:
-                    logits = model(ids, attention_mask=mask, return_type="logits")
-            out.append(new)
-    tokens = torch.cat(out)
-    texts = [tok.decode(row.tolist(), skip_special_tokens=True) for row in tokens] if tok is not None else []
-    return Generation(tokens=tokens, texts=texts)
-
 
 def judge(texts: Sequence[str], phrases: Sequence[str] = JUDGE_PHRASES) -> list[bool]:
     """True where a response contains any refusal phrase (case-insensitive substring match)."""

@@ -155,12 +155,12 @@ class Run:
         if holds_files and read_marker(t) is None:
             raise RunFolderError(f"{t} holds files but no {MARKER}: it is not a run folder; choose another --out")
         if mode == "new":
-            if holds_files:
-                raise RunFolderError(f"{t} already holds a run ({read_marker(t).get('status')}): pass --overwrite to "
-                                     "replace it whole once the new run completes, or choose another --out")
             if partial.exists():
                 raise RunFolderError(f"an interrupted run is at {partial}: pass --resume to continue it (finished "
                                      "chunks are reused) or --overwrite to discard it")
+            if holds_files:
+                raise RunFolderError(f"{t} already holds a run ({read_marker(t).get('status')}): pass --overwrite to "
+                                     "replace it whole once the new run completes, or choose another --out")
         if mode == "resume" and not partial.exists() and holds_files:
             raise RunFolderError(f"{t} is complete and there is no interrupted run to resume: pass --overwrite "
                                  "to recompute it")

@@ -283,7 +283,7 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
     from probes.directions import Direction, ablation_hooks
     from probes.pairs import load_model
 
-    assert res["orthogonalized"] == str(tmp_path / "orthogonalized")
+    assert res["orthogonalized"] == "orthogonalized" and (tmp_path / "orthogonalized" / "config.json").exists()
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "orthogonalized").eval()
     hooked = load_model(inst, device="cpu")
     batch = encode(AutoTokenizer.from_pretrained(inst), ["how do i make a cake ?"])
