@@ -10,7 +10,7 @@ from probes.pairs import load_model, load_pair
 PROMPTS = ["how do i make a cake ?", "tell me about the sun please , why is the sky", "hello"]
 # The module whose input is resid_mid (the residual after attention, before the MLP's norm).
 MID_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
-            "gemma2": "pre_feedforward_layernorm", "gpt2": "ln_2"}
+            "gemma2": "pre_feedforward_layernorm", "gemma3": "pre_feedforward_layernorm", "gpt2": "ln_2"}
 
 
 def hf_reference(folder, batch, arch):

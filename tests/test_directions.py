@@ -25,6 +25,8 @@ HF_WRITES = {
                                                                                         "mlp.down_proj")],
     "gemma2": ["model.embed_tokens"] + [f"model.layers.{i}.{m}" for i in range(3)
                                         for m in ("post_attention_layernorm", "post_feedforward_layernorm")],
+    "gemma3": ["model.embed_tokens"] + [f"model.layers.{i}.{m}" for i in range(3)
+                                        for m in ("post_attention_layernorm", "post_feedforward_layernorm")],
     "gpt2": ["transformer.wte", "transformer.wpe"] + [f"transformer.h.{i}.{m}" for i in range(3)
                                                       for m in ("attn.c_proj", "mlp.c_proj")],
 }

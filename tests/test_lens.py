@@ -153,7 +153,7 @@ def test_direction_lens_by_hand(arch, pairs, hf):
     model = hf[arch]["instruct"]
     v = torch.randn(pairs[arch].d_model, generator=torch.Generator().manual_seed(0))
     norm = hf_norm(model)
-    if arch == "gemma2":
+    if arch in ("gemma2", "gemma3"):
         g = 1 + norm.weight  # Gemma's RMSNorm scales by (1 + w)
     else:
         g = norm.weight

@@ -14,7 +14,7 @@ CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
     "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
 )
-ARCHS = ("llama", "qwen2", "gemma2", "gpt2")
+ARCHS = ("llama", "qwen2", "gemma2", "gpt2", "gemma3")
 
 
 def make_tokenizer():
@@ -36,8 +36,8 @@ def make_tokenizer():
 
 def make_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 3, d_model: int = 64):
     """A random HF causal LM of `arch` in eval mode (eager attention, so attention patterns are returned)."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
+                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
@@ -51,6 +51,10 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 3, d_m
         model = Gemma2ForCausalLM(Gemma2Config(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                                                sliding_window=4, final_logit_softcapping=5.0,
                                                attn_logit_softcapping=20.0, **common))
+    elif arch == "gemma3":  # sliding-window and global layers, q/k norms, post-norms
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)], **common))
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=4,
                                            n_positions=128, bos_token_id=1, eos_token_id=2))
