@@ -338,6 +338,9 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
                         "--refusal-phrases", "sorry", "cannot", "--device", "cpu", "--save-orthogonalized"])
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["refusal_rate"]) == {"harmful", "harmless"}
+    assert res["status"] == "ok" and res["judge"] == "reference" and res["refusal_rate"] == res["refusal_rate_reference"]
+    assert set(res["refusal_rate_extended"]["harmful"]) == {"baseline", "ablated"}
+    assert res["chosen"]["criteria"]["cutoff"] == "reference"
     assert set(res["refusal_rate"]["harmful"]) == {"baseline", "ablated"}
     assert set(res["refusal_rate"]["harmless"]) == {"baseline", "added"}
     assert res["chosen"]["layer"] in (1, 2) and res["chosen"]["position"] in (-3, -2, -1)
@@ -416,3 +419,39 @@ def test_toy_numbers_agree_with_the_independent_hf_check(tmp_path):
         assert res["cosine_base_instruct"][r["layer"]] == pytest.approx(r["cosine_base"], abs=1e-5)
     # The experiment judges generated text, the check the first token; the toy's only refusal starts with "sorry".
     assert res["transfer"]["base_direction_in_instruct"]["harmful"]["ablated"] == pytest.approx(row["transfer_refusal"])
+
+
+TINY_ARGS = ["--n-train", "6", "--n-val", "3", "--n-test", "3", "--max-new-tokens", "3",
+             "--refusal-phrases", "sorry", "cannot", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_experiment_records_no_direction(tiny_pair_dirs, tmp_path, capsys):
+    """No candidate qualifies, not even for the fallback (KL <= -1 is impossible): the run says so, with no rates."""
+    import json
+
+    base, inst = tiny_pair_dirs["llama"]
+    exp = tiny.load_experiment("refusal_direction")
+    exp.main(["--base", str(base), "--instruct", str(inst), "--out", str(tmp_path), "--no-filter", "--fallback",
+              "--kl-max", "-1", *TINY_ARGS])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "no_direction" and res["chosen"] is None
+    assert "no candidate passes" in res["reason"] and "fallback" in res["reason"]
+    assert len(res["sweep"]["bypass"]) == 3 and res["sweep"]["layers"] == [0, 1, 2]
+    assert not any(k.startswith("refusal_rate") or k in ("base_refusal_rate", "transfer", "random_control")
+                   for k in res)
+    assert "no_direction: no candidate passes" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_experiment_records_no_refusal(tiny_pair_dirs, tmp_path, capsys):
+    """Filtering on: a random model puts ~no mass on two words of a 100-word vocabulary, so it refuses nothing."""
+    import json
+
+    base, inst = tiny_pair_dirs["llama"]
+    exp = tiny.load_experiment("refusal_direction")
+    exp.main(["--base", str(base), "--instruct", str(inst), "--out", str(tmp_path), *TINY_ARGS])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "no_refusal" and res["chosen"] is None and "refuses none" in res["reason"]
+    assert "sweep" not in res and not any(k.startswith("refusal_rate") for k in res)
+    assert "no_refusal:" in capsys.readouterr().out
