@@ -62,18 +62,26 @@ def prompt_groups(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def first_tokens(tokenizer, words: str) -> tuple[list[int], list[str]]:
-    """First token of each comma-separated word (real tokenizers split some words), and its text.
+    """The token that starts a response with each comma-separated word under the chat template
+    (`probes.refusal.response_start_tokens`: the variant, with or without a leading space, that is the whole word;
+    a warning when only a fragment is), and its text.
 
     Words outside the vocabulary (tokenised as the unknown token) are skipped with a message.
     """
+    from probes.refusal import response_start_tokens
+
     ids = []
     for w in (w.strip() for w in words.split(",")):
         if w:
-            t = int(tokenizer(w, add_special_tokens=False)["input_ids"][0])
-            if t == tokenizer.unk_token_id:
+            try:
+                found = response_start_tokens(tokenizer, [w])
+            except ValueError:  # <unk> with and without the leading space
+                found = []
+            if not found:
                 print(f"target {w!r} is not in the vocabulary: skipped")
                 continue
-            ids.append(t)
+            if found[0] not in ids:
+                ids.append(found[0])
     if not ids:
         raise SystemExit("--targets names no word of the vocabulary")
     return ids, [tokenizer.decode([i]) for i in ids]

@@ -41,11 +41,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=None, help="default: the toy test split / the rest of the file")
     p.add_argument("--no-filter", action="store_true", help="keep prompts whatever their un-intervened refusal score")
     p.add_argument("--refusal-phrases", nargs="+", default=list(refusal.DEFAULT_PHRASES))
-    p.add_argument("--judge-phrases", nargs="+", default=list(refusal.JUDGE_PHRASES))
+    p.add_argument("--judge", choices=list(refusal.JUDGES), default=None,
+                   help="judge of generated text behind refusal_rate: reference (Arditi et al.'s phrases, "
+                        "case-sensitive; the default) or extended (plus bare sorry/cannot, lower-cased; the default "
+                        "for the toy pair, whose lower-case vocabulary cannot write the reference phrases). Both "
+                        "are reported either way")
+    p.add_argument("--judge-phrases", nargs="+", default=None,
+                   help="judge by these phrases instead (lower-cased match)")
     p.add_argument("--max-layer-frac", type=float, default=0.8)
+    p.add_argument("--cutoff", choices=list(refusal.CUTOFFS), default="reference",
+                   help="layer cut-off: layer < int(frac x n_layers) (reference, Arditi et al.'s code) or "
+                        "layer < frac x n_layers (fractional)")
     p.add_argument("--kl-max", type=float, default=0.1)
     p.add_argument("--induce-min", type=float, default=0.0)
-    p.add_argument("--fallback", action="store_true", help="if no candidate passes, take the best bypass anyway")
+    p.add_argument("--fallback", action="store_true",
+                   help="if no candidate passes, take the best bypass below the cut-off with KL <= --kl-max")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-orthogonalized", action="store_true",
@@ -94,32 +104,47 @@ def main(argv: list[str] | None = None) -> Run:
     return run
 
 
+def _stop(run: Run, status: str, reason: str, t0: float) -> None:
+    """End a run that has no direction to evaluate: results.json says why, holds no refusal rates."""
+    run.update(status=status, chosen=None, reason=reason, wall_s=time.perf_counter() - t0)
+    print(f"{status}: {reason}")
+
+
 def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list[str]]], t0: float) -> None:
     pair = load_pair_for(run, args)
     tok_ids = refusal.refusal_tokens(pair.tokenizer, args.refusal_phrases)
     b = {s: {k: pair.encode(v) for k, v in d.items()} for s, d in splits.items()}
     bs, L = args.batch_size, pair.n_layers
+    judge_name = args.judge or ("extended" if is_toy(args) else "reference")
+    judge = args.judge_phrases or judge_name
     run.update(refusal_tokens=tok_ids, refusal_token_text=[pair.tokenizer.decode([i]) for i in tok_ids],
-               counts={s: {k: len(v) for k, v in d.items()} for s, d in b.items()})
+               counts={s: {k: len(v) for k, v in d.items()} for s, d in b.items()},
+               judge=judge_name if args.judge_phrases is None else dict(phrases=list(args.judge_phrases)))
 
     with pair.on_device("instruct") as inst:
         if not args.no_filter:  # as the paper: keep only prompts the instruct model already treats as labelled
             for s in ("train", "val"):
-                b[s]["harmful"], b[s]["harmless"], c = refusal.filter_by_score(
-                    inst, b[s]["harmful"], b[s]["harmless"], tok_ids, batch_size=bs)
+                try:
+                    b[s]["harmful"], b[s]["harmless"], c = refusal.filter_by_score(
+                        inst, b[s]["harmful"], b[s]["harmless"], tok_ids, batch_size=bs)
+                except refusal.NoRefusal as exc:
+                    return _stop(run, "no_refusal", f"{s} split: {exc}", t0)
                 run.update(**{f"filtered_{s}": c})
         cands = refusal.candidates(inst, b["train"]["harmful"], b["train"]["harmless"], batch_size=bs,
                                    model_name=f"{pair.name}/instruct")
         scores = refusal.sweep(inst, cands, b["val"]["harmful"], b["val"]["harmless"], tok_ids, batch_size=bs)
-        sel = refusal.select(scores, L, max_layer_frac=args.max_layer_frac, kl_max=args.kl_max,
-                             induce_min=args.induce_min, fallback=args.fallback)
-        chosen = cands.direction(sel.layer, sel.offset)
-        run.update(chosen=sel.as_dict(), chosen_norm=chosen.norm,
-                   sweep=dict(layers=scores.layers, positions=scores.offsets, bypass=_nan_none(scores.bypass),
+        run.update(sweep=dict(layers=scores.layers, positions=scores.offsets, bypass=_nan_none(scores.bypass),
                               induce=_nan_none(scores.induce), kl=_nan_none(scores.kl),
                               baseline_harmful=scores.baseline_harmful, baseline_harmless=scores.baseline_harmless))
+        try:
+            sel = refusal.select(scores, L, max_layer_frac=args.max_layer_frac, kl_max=args.kl_max,
+                                 induce_min=args.induce_min, fallback=args.fallback, cutoff=args.cutoff)
+        except refusal.NoDirectionFound as exc:
+            return _stop(run, "no_direction", str(exc), t0)
+        chosen = cands.direction(sel.layer, sel.offset)
+        run.update(status="ok", chosen=sel.as_dict(), chosen_norm=chosen.norm)
         test_h, test_l = b["test"]["harmful"], b["test"]["harmless"]
-        kw = dict(max_new_tokens=args.max_new_tokens, batch_size=bs, phrases=args.judge_phrases)
+        kw = dict(max_new_tokens=args.max_new_tokens, batch_size=bs, judge=judge)
         main_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, ablation=ablation_hooks(inst, chosen),
                                      addition=addition_hooks(inst, chosen, sel.layer), **kw)
         # Affine ablation: every layer's projection set to the harmless train mean's (at the chosen position).
@@ -134,7 +159,8 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
                                      addition=addition_hooks(inst, rand, sel.layer), **kw)
         pca_inst = [record(inst, b["test"][k], "resid_pre", [sel.layer], f"post_instruction[{sel.offset}]",
                            batch_size=bs, progress=False).tensor[:, 0, 0] for k in ("harmful", "harmless")]
-    run.update(refusal_rate=refusal.rates(main_eval), kl_harmless_ablation=main_eval["kl_harmless_ablation"],
+    run.update(refusal_rate=refusal.rates(main_eval), refusal_rate_reference=refusal.rates(main_eval, "reference"),
+               refusal_rate_extended=refusal.rates(main_eval, "extended"), kl_harmless_ablation=main_eval["kl_harmless_ablation"],
                refusal_counts={k: {m: {"refused": v["refused"], "n": v["n"]} for m, v in main_eval[k].items()}
                                for k in ("harmful", "harmless")},
                refusal_score_mean={k: {m: v["score_mean"] for m, v in main_eval[k].items()}
@@ -207,5 +233,8 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
 if __name__ == "__main__":
     r = main(sys.argv[1:])
     res = r.results
-    print(f"chosen {res['chosen']}; refusal rates {res['refusal_rate']}; KL {res['kl_harmless_ablation']:.4f}; "
-          f"run folder {r.target}")
+    if res.get("status") != "ok":
+        print(f"{res['status']}: {res['reason']}; no refusal rates; run folder {r.target}")
+    else:
+        print(f"chosen {res['chosen']}; refusal rates {res['refusal_rate']}; KL {res['kl_harmless_ablation']:.4f}; "
+              f"run folder {r.target}")
