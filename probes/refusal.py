@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from probes import checkpoints
 from probes.activations import Activations, last_logits, model_device, record
 from probes.chat import ChatBatch
 from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
@@ -282,12 +283,20 @@ def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: C
         raw = cands.diff[li, pi]
         if not bool(torch.isfinite(raw).all()) or float(raw.norm()) == 0:
             continue  # a zero difference is no direction: leave its scores NaN (never selected)
-        abl = ablation_hooks(model, raw)
-        bypass[li, pi] = score_prompts(model, harmful_val, token_ids, abl, batch_size=batch_size).mean()
-        ablated = last_logits(model, harmless_val, abl, batch_size=batch_size)
-        kl[li, pi] = first_token_kl(base_harmless, ablated).mean()
-        add = addition_hooks(model, raw, cands.layers[li])
-        induce[li, pi] = score_prompts(model, harmless_val, token_ids, add, batch_size=batch_size).mean()
+
+        def score(raw: torch.Tensor = raw, layer: int = cands.layers[li]) -> dict[str, torch.Tensor]:
+            abl = ablation_hooks(model, raw)
+            ablated = last_logits(model, harmless_val, abl, batch_size=batch_size)
+            add = addition_hooks(model, raw, layer)
+            return {"bypass": score_prompts(model, harmful_val, token_ids, abl, batch_size=batch_size).mean(),
+                    "kl": first_token_kl(base_harmless, ablated).mean(),
+                    "induce": score_prompts(model, harmless_val, token_ids, add, batch_size=batch_size).mean()}
+
+        # A scored candidate is kept in the active run's store, so an interrupted sweep resumes after it.
+        got = checkpoints.chunk("sweep", model, dict(layer=cands.layers[li], tokens=list(token_ids)),
+                                [raw, harmful_val.input_ids, harmful_val.attention_mask, harmless_val.input_ids,
+                                 harmless_val.attention_mask], score)
+        bypass[li, pi], kl[li, pi], induce[li, pi] = got["bypass"], got["kl"], got["induce"]
     return Sweep(bypass, induce, kl, list(cands.layers), list(cands.offsets), baseline_harmful, baseline_harmless)
 
 

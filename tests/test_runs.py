@@ -243,3 +243,26 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sig):
     assert json.loads((resumed.dir / "results.json").read_text()) == json.loads((clean.dir / "results.json").read_text())
     a, b = load_file(str(resumed.dir / "lens.safetensors")), load_file(str(clean.dir / "lens.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_resumes_from_stored_candidates(tmp_path):
+    from probes import checkpoints, load_pair
+    from probes import refusal as R
+
+    pair = load_pair("toy", device="cpu")
+    from probes.prompts import default_sets
+
+    sets = {k: pair.encode(v[:8]) for k, v in default_sets(True, "train").items()}
+    val = {k: pair.encode(v[:4]) for k, v in default_sets(True, "val").items()}
+    tok = R.refusal_tokens(pair.tokenizer)
+    cands = R.candidates(pair.instruct, sets["harmful"], sets["harmless"], progress=False)
+    plain = R.sweep(pair.instruct, cands, val["harmful"], val["harmless"], tok, progress=False)
+    store = checkpoints.ChunkStore(tmp_path / "chunks")
+    with store.activate():
+        first = R.sweep(pair.instruct, cands, val["harmful"], val["harmless"], tok, progress=False)
+        n = store.misses
+        again = R.sweep(pair.instruct, cands, val["harmful"], val["harmless"], tok, progress=False)
+    assert n > 0 and store.hits == n  # every candidate scored once, then read back
+    for name in ("bypass", "induce", "kl"):
+        for s in (first, again):
+            torch.testing.assert_close(getattr(s, name), getattr(plain, name), atol=0, rtol=0, equal_nan=True)
