@@ -221,18 +221,42 @@ def last_logits(
             rows = torch.arange(resid.shape[0], device=resid.device)
             captured["x"] = resid[rows, pos[:, 0].to(resid.device)][:, None]  # [b, 1, d_model]
 
+        def stop(resid: torch.Tensor, hook: Any) -> None:
+            raise _StopForward  # the bridge ignores stop_at_layer=n_layers: end the forward before the unembedding
+
         # Registered last, so it reads the residual after any of the caller's hooks on the same point.
-        with model.hooks(fwd_hooks=[*hooks, (f"blocks.{n_layers - 1}.hook_resid_post", grab)]):
-            forward(model, sub, return_type=None, stop_at_layer=n_layers)
+        last = f"blocks.{n_layers - 1}.hook_resid_post"
+        with model.hooks(fwd_hooks=[*hooks, (last, grab), (last, stop)]):
+            try:
+                forward(model, sub, return_type=None)
+            except _StopForward:
+                pass
         with torch.no_grad():
             logits = model.unembed(model.ln_final(captured["x"]))[:, 0].float()
         if cap is not None and cap > 0:
             logits = cap * torch.tanh(logits / cap)
+        check_logits(logits, sub, what=f"logits at {position!r}")
         out.append(logits.cpu())
-    logits = torch.cat(out)
-    if not bool(torch.isfinite(logits).all()):
-        raise FloatingPointError("non-finite logits")
-    return logits
+    return torch.cat(out)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once what is needed has been captured."""
+
+
+def check_logits(logits: torch.Tensor, batch: ChatBatch, *, what: str = "logits") -> None:
+    """Raise FloatingPointError naming the prompt when a row of `[batch, vocab]` logits is non-finite or degenerate.
+
+    Degenerate: every logit of the row equal (e.g. all zero after an overflowed norm), which makes the distribution
+    uniform and every downstream number (entropy ln V, KL 0) meaningless.
+    """
+    bad = ~torch.isfinite(logits).all(-1)
+    flat = logits.amax(-1) == logits.amin(-1)
+    for mask, why in ((bad, "non-finite"), (flat, "degenerate (all equal)")):
+        if bool(mask.any()):
+            row = int(torch.nonzero(mask)[0, 0])
+            raise FloatingPointError(f"{why} {what} (after blocks.*.hook_resid_post, final norm and unembedding) "
+                                     f"for prompt {row}: '{batch.instructions[row][:60]}'")
 
 
 def record(
@@ -304,8 +328,10 @@ def record(
             chunk_sum = out[h].sum(0, dtype=torch.float64)
             # A NaN or inf anywhere makes the sum non-finite: one pass checks and accumulates.
             if not bool(torch.isfinite(chunk_sum).all()):
-                bad_row = int(torch.nonzero(~torch.isfinite(out[h]))[0, 0])
-                raise FloatingPointError(f"non-finite activation at hook {h!r} for prompt '{sub.instructions[bad_row][:60]}'")
+                idx = torch.nonzero(~torch.isfinite(out[h]))[0]
+                raise FloatingPointError(
+                    f"non-finite activation at {hook_name(h, layers[int(idx[1])])} (layer {layers[int(idx[1])]}) for "
+                    f"prompt {start + int(idx[0])}: '{sub.instructions[int(idx[0])][:60]}'")
             sums[h] += chunk_sum
     return Activations(
         hooks=hooks, layers=layers, positions=labels, model=model_name or str(model.cfg.model_name),

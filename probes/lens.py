@@ -304,7 +304,12 @@ def _decode_chunk(
         tgt = None if targets is None else targets.to(head.device)[:, None, :].expand(-1, final_lp.shape[1], -1)
         for li in range(n_layers):
             lp = head.logprobs(resid[:, li, sl])
-            _check_finite(lp, "lens log-probs")
+            _check_finite(lp, f"lens log-probs at layer index {li}")
+            flat = lp.amax(-1) == lp.amin(-1)  # a uniform row: the norm overflowed or the head is degenerate
+            if bool(flat.any()):
+                raise FloatingPointError(f"degenerate lens log-probs (all equal) at layer index {li}, prompt "
+                                         f"{int(torch.nonzero(flat)[0, 0])} of the chunk: the residual's norm "
+                                         "overflowed or the head maps it to a constant")
             v, i = lp.topk(top_k, dim=-1)
             out["topk_ids"][:, li, sl], out["topk_logprobs"][:, li, sl] = i.cpu(), v.cpu()
             out["entropy"][:, li, sl] = entropy(lp).cpu()
