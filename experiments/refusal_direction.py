@@ -206,10 +206,12 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
             run.update(orthogonalized=folder.name)  # relative: the run folder moves into place when complete
         except NotImplementedError as exc:  # post-norm architectures: only hook ablation is exact there
             run.update(orthogonalized=f"not written: {exc}")
-    meta = dict(chosen=chosen.provenance(), layers=cands.layers, positions=cands.offsets, pair=pair.name,
-                base_chosen=base_dir.provenance())
+    # `Direction.load(path)` reads "chosen", `Direction.load(path, key="base/chosen")` the base model's.
+    meta = {"chosen": chosen.provenance(), "layers": cands.layers, "positions": cands.offsets, "pair": pair.name,
+            "base/chosen": base_dir.provenance()}
     run.save_tensors("directions", {"instruct/candidates": cands.diff, "base/candidates": base_cands.diff,
-                                    "chosen": chosen.vector.clone(), "chosen/raw": chosen.raw.clone(), "base/chosen": base_dir.vector.clone(),
+                                    "chosen": chosen.vector.clone(), "chosen/raw": chosen.raw.clone(),
+                                    "base/chosen": base_dir.vector.clone(), "base/chosen/raw": base_dir.raw.clone(),
                                     "random_control": rand}, meta)
     title = f"{pair.name} instruct"
     run.save_figure("sweep", figs.sweep_heatmaps(scores.bypass, scores.induce, scores.kl, layers=scores.layers,

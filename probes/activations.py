@@ -154,25 +154,78 @@ class Activations:
             data |= {f"tensor/{h}": t.contiguous() for h, t in self.tensors.items()}
         meta = dict(hooks=self.hooks, layers=self.layers, positions=self.positions, model=self.model,
                     count=self.count, prompts=self.prompts, meta=self.meta)
+        text = json.dumps(meta)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(data, str(tmp), metadata={"probes.activations": json.dumps(meta)})
+        save_file(data, str(tmp), metadata={"probes.activations": text, "probes.sha256": _checksum(text, data)})
         os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Activations:
-        from safetensors import safe_open
+        """Read a file written by `save`, checking its metadata against its tensors; errors name the file.
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("probes.activations")
-            if raw is None:
-                raise ValueError(f"{path} is not a probes activations file")
-            meta = json.loads(raw)
-            sums = {h: f.get_tensor(f"sum/{h}") for h in meta["hooks"]}
-            keys = set(f.keys())
-            tensors = {h: f.get_tensor(f"tensor/{h}") for h in meta["hooks"]} if f"tensor/{meta['hooks'][0]}" in keys else None
-        return cls(hooks=meta["hooks"], layers=meta["layers"], positions=meta["positions"], model=meta["model"],
-                   count=meta["count"], sums=sums, tensors=tensors, prompts=meta["prompts"], meta=meta["meta"])
+        Checked: the checksum written with the file (labels, count and tensors unchanged since), count > 0,
+        distinct layers and positions, shapes `[layer, position, d_model]` / `[count, layer, position, d_model]`,
+        finite sums equal to the sums of the kept tensors. Raises `probes.directions.InvalidFileError`.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        from probes.directions import InvalidFileError
+
+        path = Path(path)
+
+        def bad(msg: str) -> InvalidFileError:
+            return InvalidFileError(f"{path}: {msg}")
+
+        if not path.is_file():
+            raise bad("no such activations file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as exc:
+            raise bad(f"not a safetensors file ({exc})") from None
+        text = raw_meta.get("probes.activations")
+        if text is None:
+            raise bad("not a probes activations file (no 'probes.activations' metadata)")
+        if raw_meta.get("probes.sha256") != _checksum(text, data):
+            raise bad("checksum mismatch: its labels, count or tensors changed after it was written")
+        meta = json.loads(text)
+        hooks, layers, positions, count = meta["hooks"], meta["layers"], meta["positions"], meta["count"]
+        if not isinstance(count, int) or count < 1:
+            raise bad(f"count must be a positive integer, got {count!r}")
+        if not hooks or len(set(layers)) != len(layers) or not all(isinstance(x, int) for x in layers):
+            raise bad(f"hooks {hooks!r} / layers {layers!r} are not distinct labels")
+        if len(set(positions)) != len(positions):
+            raise bad(f"positions {positions!r} are not distinct")
+        if meta.get("prompts") is not None and len(meta["prompts"]) != count:
+            raise bad(f"{len(meta['prompts'])} prompts for a count of {count}")
+        sums, tensors = {}, {}
+        for h in hooks:
+            s = data.get(f"sum/{h}")
+            if s is None or s.ndim != 3 or tuple(s.shape[:2]) != (len(layers), len(positions)):
+                raise bad(f"sum/{h} must be [layer={len(layers)}, position={len(positions)}, d_model]")
+            if not bool(torch.isfinite(s).all()):
+                raise bad(f"sum/{h} has non-finite entries")
+            sums[h] = s
+            t = data.get(f"tensor/{h}")
+            if t is not None:
+                if tuple(t.shape) != (count, *s.shape):
+                    raise bad(f"tensor/{h} has shape {tuple(t.shape)}, expected {(count, *s.shape)}")
+                if not torch.allclose(t.sum(0, dtype=torch.float64), s, rtol=1e-9, atol=1e-9 * float(s.abs().max())):
+                    raise bad(f"tensor/{h} does not sum to sum/{h}")
+                tensors[h] = t
+        if tensors and set(tensors) != set(hooks):
+            raise bad("tensors kept for some hooks but not all")
+        return cls(hooks=hooks, layers=layers, positions=positions, model=meta["model"], count=count, sums=sums,
+                   tensors=tensors or None, prompts=meta["prompts"], meta=meta["meta"])
+
+
+def _checksum(text: str, data: dict[str, torch.Tensor]) -> str:
+    """sha256 of the metadata text and every tensor's name, shape, dtype and bytes."""
+    from probes.checkpoints import key
+
+    return key(text, {k: data[k] for k in sorted(data)})
 
 
 def model_device(model: Any) -> torch.device:

@@ -67,20 +67,60 @@ class Direction:
         return d
 
     def save(self, path: str | os.PathLike, key: str = "direction") -> Path:
+        """One safetensors file: `key` (the unit vector), `key/raw` and the provenance as metadata `key`."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        save_file({f"{key}/vector": self.vector.contiguous(), f"{key}/raw": self.raw.contiguous()}, str(path),
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file({key: self.vector.contiguous(), f"{key}/raw": self.raw.contiguous()}, str(tmp),
                   metadata={key: json.dumps(self.provenance())})
+        os.replace(tmp, path)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, key: str = "direction") -> Direction:
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike, key: str | None = None) -> Direction:
+        """Read a direction written by `save` or by the refusal experiment (`directions.safetensors`: `chosen`,
+        `base/chosen`), checking it: a finite unit vector `[d_model]`, parallel to its raw difference.
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[key])
-            return cls(vector=f.get_tensor(f"{key}/vector"), raw=f.get_tensor(f"{key}/raw"), **meta)
+        key: default `"direction"` or `"chosen"`, whichever the file holds. Errors name the file (`InvalidFileError`).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidFileError(f"{path}: no such direction file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, names = f.metadata() or {}, set(f.keys())
+                if key is None:
+                    key = next((k for k in ("direction", "chosen") if k in names), None)
+                    if key is None:
+                        raise InvalidFileError(f"{path}: no 'direction' or 'chosen' in the file; name one of its "
+                                               f"directions with key= (tensors: {sorted(names)})")
+                vec_name = key if key in names else f"{key}/vector"  # `key/vector`: files of earlier versions
+                if vec_name not in names or f"{key}/raw" not in names or key not in meta:
+                    raise InvalidFileError(f"{path}: no direction {key!r} (needs tensors {key!r} and {key + '/raw'!r} "
+                                           f"and metadata {key!r}; tensors: {sorted(names)})")
+                vector, raw, prov = f.get_tensor(vec_name), f.get_tensor(f"{key}/raw"), json.loads(meta[key])
+        except SafetensorError as exc:
+            raise InvalidFileError(f"{path}: not a safetensors file ({exc})") from None
+        if vector.ndim != 1 or raw.shape != vector.shape:
+            raise InvalidFileError(f"{path}: {key!r} has shape {tuple(vector.shape)}, raw {tuple(raw.shape)}: expected "
+                                   "two equal 1-D vectors")
+        if not (bool(torch.isfinite(vector).all()) and bool(torch.isfinite(raw).all())):
+            raise InvalidFileError(f"{path}: {key!r} has non-finite entries")
+        if abs(float(vector.double().norm()) - 1) > 1e-4:
+            raise InvalidFileError(f"{path}: {key!r} is not a unit vector (norm {float(vector.norm()):.6g})")
+        if float(raw.norm()) == 0 or float(cosine(vector, raw)) < 1 - 1e-6:
+            raise InvalidFileError(f"{path}: {key!r} is not the direction of its raw difference")
+        if not isinstance(prov.get("layer"), int) or prov["layer"] < 0:
+            raise InvalidFileError(f"{path}: {key!r} has no valid layer in its provenance ({prov.get('layer')!r})")
+        return cls(vector=vector, raw=raw, **{k: prov[k] for k in ("model", "hook", "layer", "position", "data")
+                                             if k in prov})
+
+
+class InvalidFileError(ValueError):
+    """A saved file whose contents disagree with its metadata (or are not what the loader reads); names the file."""
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -346,6 +346,10 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
     assert res["chosen"]["layer"] in (1, 2) and res["chosen"]["position"] in (-3, -2, -1)
     assert len(res["cosine_base_instruct"]) == 3 and res["cosine_base_instruct"][0] is None  # layer 0: no direction
     assert 0 <= res["kl_harmless_ablation"] and "random_control" in res and "transfer" in res
+    from probes.directions import Direction
+
+    chosen, base_chosen = (Direction.load(tmp_path / "directions.safetensors", key=k) for k in (None, "base/chosen"))
+    assert chosen.layer == base_chosen.layer == res["chosen"]["layer"] and abs(chosen.norm - res["chosen_norm"]) < 1e-9
     with safe_open(str(tmp_path / "directions.safetensors"), "pt") as f:
         assert f.get_tensor("instruct/candidates").shape == (3, 3, 64)
         f_raw = f.get_tensor("chosen/raw")
