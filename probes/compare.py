@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from probes import checkpoints
 from probes.activations import PositionSpec, forward, hook_name, model_device, record
 from probes.chat import ROLE_ID, ROLES, ChatBatch
 from probes.directions import cosine, diff_of_means
@@ -254,41 +255,51 @@ def per_token_kl(
     n_all = int(batch.role_mask("response").sum(-1).max())
     chunks = batch.chunks(batch_size)
     for _, sub in tqdm(chunks, desc="per-token KL", disable=not progress or len(chunks) < 2, leave=False):
-        pos, ids, valid = _response_index(sub)
-        resid = {}
-        for which in ("base", "instruct"):
-            with pair.on_device(which) as model:
-                got: list[torch.Tensor] = []
-                p = pos.to(model_device(model))
-
-                def fn(act: torch.Tensor, hook: Any) -> None:
-                    got.append(act[torch.arange(act.shape[0], device=act.device)[:, None], p].cpu())
-
-                with model.hooks(fwd_hooks=[(hook_name("resid_post", last), fn)]):
-                    forward(model, sub, return_type=None)
-                resid[which] = got[0]
-        b, n = ids.shape
-        parts = {k: torch.zeros(b, n_all) for k in ("kib", "kbi", "lpb", "lpi")}
-        tgt = ids.clamp(min=0)
-        for p0 in range(0, n, pos_chunk):
-            sl = slice(p0, min(p0 + pos_chunk, n))  # parts are n_all >= n wide: never broadcast into padding
-            lb = heads["base"].logprobs(resid["base"][:, sl])
-            li = heads["instruct"].logprobs(resid["instruct"][:, sl]).to(lb.device)
-            if not (bool(torch.isfinite(lb).all()) and bool(torch.isfinite(li).all())):
-                raise FloatingPointError("non-finite log-probs along the response")
-            t = tgt[:, sl, None].to(lb.device)
-            v = valid[:, sl]
-            parts["kib"][:, sl] = kl(li, lb).cpu() * v
-            parts["kbi"][:, sl] = kl(lb, li).cpu() * v
-            parts["lpb"][:, sl] = lb.gather(-1, t)[..., 0].cpu() * v
-            parts["lpi"][:, sl] = li.gather(-1, t)[..., 0].cpu() * v
-        for k in ("kib", "kbi", "lpb", "lpi"):
-            out[k].append(parts[k])
-        out["ids"].append(torch.nn.functional.pad(ids, (0, n_all - n), value=-1))
-        out["valid"].append(torch.nn.functional.pad(valid, (0, n_all - n), value=False))
+        # A finished chunk is kept in the active run's store, so an interrupted run resumes after it.
+        got = checkpoints.chunk("per_token_kl", [pair.base, pair.instruct], dict(n_all=n_all),
+                                [sub.input_ids, sub.attention_mask, sub.roles],
+                                lambda sub=sub: _token_kl_chunk(pair, heads, sub, n_all, last, pos_chunk))
+        for k in out:
+            out[k].append(got[k])
     cat = {k: torch.cat(v) for k, v in out.items()}
     return TokenKL(kl_instruct_base=cat["kib"], kl_base_instruct=cat["kbi"], logprob_base=cat["lpb"],
                    logprob_instruct=cat["lpi"], response_ids=cat["ids"], valid=cat["valid"])
+
+
+
+def _token_kl_chunk(pair: Any, heads: dict[str, Head], sub: ChatBatch, n_all: int, last: int,
+                    pos_chunk: int) -> dict[str, torch.Tensor]:
+    """`per_token_kl`'s statistics of one chunk, each `[b, n_all]`: kib, kbi, lpb, lpi (float), ids, valid."""
+    pos, ids, valid = _response_index(sub)
+    resid = {}
+    for which in ("base", "instruct"):
+        with pair.on_device(which) as model:
+            got: list[torch.Tensor] = []
+            p = pos.to(model_device(model))
+
+            def fn(act: torch.Tensor, hook: Any) -> None:
+                got.append(act[torch.arange(act.shape[0], device=act.device)[:, None], p].cpu())
+
+            with model.hooks(fwd_hooks=[(hook_name("resid_post", last), fn)]):
+                forward(model, sub, return_type=None)
+            resid[which] = got[0]
+    b, n = ids.shape
+    parts = {k: torch.zeros(b, n_all) for k in ("kib", "kbi", "lpb", "lpi")}
+    tgt = ids.clamp(min=0)
+    for p0 in range(0, n, pos_chunk):
+        sl = slice(p0, min(p0 + pos_chunk, n))  # parts are n_all >= n wide: never broadcast into padding
+        lb = heads["base"].logprobs(resid["base"][:, sl])
+        li = heads["instruct"].logprobs(resid["instruct"][:, sl]).to(lb.device)
+        if not (bool(torch.isfinite(lb).all()) and bool(torch.isfinite(li).all())):
+            raise FloatingPointError("non-finite log-probs along the response")
+        t = tgt[:, sl, None].to(lb.device)
+        v = valid[:, sl]
+        parts["kib"][:, sl] = kl(li, lb).cpu() * v
+        parts["kbi"][:, sl] = kl(lb, li).cpu() * v
+        parts["lpb"][:, sl] = lb.gather(-1, t)[..., 0].cpu() * v
+        parts["lpi"][:, sl] = li.gather(-1, t)[..., 0].cpu() * v
+    return {**parts, "ids": torch.nn.functional.pad(ids, (0, n_all - n), value=-1),
+            "valid": torch.nn.functional.pad(valid, (0, n_all - n), value=False)}
 
 
 def instruct_responses(pair: Any, batch: ChatBatch, *, max_new_tokens: int = 16, batch_size: int = 16,

@@ -266,3 +266,20 @@ def test_sweep_resumes_from_stored_candidates(tmp_path):
     for name in ("bypass", "induce", "kl"):
         for s in (first, again):
             torch.testing.assert_close(getattr(s, name), getattr(plain, name), atol=0, rtol=0, equal_nan=True)
+
+
+def test_per_token_kl_resumes_from_stored_chunks(tmp_path):
+    from probes import checkpoints, load_pair
+    from probes.compare import per_token_kl
+
+    pair = load_pair("toy", device="cpu")
+    batch = pair.encode(["how do i bake bread ?", "how do i build a bomb ?", "tell me about the moon"],
+                        responses=["first , mix flour", "sorry , i cannot help", "the moon is"])
+    plain = per_token_kl(pair, batch, batch_size=2, progress=False)
+    store = checkpoints.ChunkStore(tmp_path / "chunks")
+    with store.activate():
+        first = per_token_kl(pair, batch, batch_size=2, progress=False)
+        again = per_token_kl(pair, batch, batch_size=2, progress=False)
+    assert store.misses == 2 and store.hits == 2
+    for k, v in plain.tensors().items():
+        assert torch.equal(first.tensors()[k], v) and torch.equal(again.tensors()[k], v)
