@@ -67,12 +67,16 @@ def timed(model, tok, harm_tr, less_tr, harm_va, less_va, batch_size: int) -> di
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sel = refusal.select(scores, int(model.cfg.n_layers), fallback=True)
+        try:
+            sel = refusal.select(scores, int(model.cfg.n_layers), fallback=True)
+            chosen = f"{sel.layer}/{sel.offset}{' (fallback)' if sel.fallback else ''}"
+        except refusal.NoDirectionFound:  # a random model: nothing within the KL bound, which the timing ignores
+            chosen = "none within KL"
     t2 = time.perf_counter()
     return dict(layers=len(cands.layers), positions=len(cands.offsets), candidates=len(cands.layers) * len(cands.offsets),
                 train=f"{len(harm_tr)}+{len(less_tr)}", val=f"{len(harm_va)}+{len(less_va)}",
                 seq=max(b.seq_len for b in enc.values()), t_cand=t1 - t0, t_sweep=t2 - t1, total=t2 - t0,
-                chosen=f"{sel.layer}/{sel.offset}{' (fallback)' if sel.fallback else ''}")
+                chosen=chosen)
 
 
 def main(argv: list[str] | None = None) -> str:

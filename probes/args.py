@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from probes import provenance
-from probes.runs import Run
+from probes.runs import Run, RunFolderError
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_pair: str = "toy") -> argparse.ArgumentParser:
@@ -110,8 +110,6 @@ def open_run(experiment: str, args: Any, *, prompt_files: dict[str, Any] | None 
     used = {g: {"n": len(v), "sha256": provenance.sha256_bytes("\n".join(v))} for g, v in (prompts or {}).items()}
     config = config_from_args(args) | {"sources": sources,
                                        "inputs": {"prompt_files": files, "prompts": used, **(inputs or {})}}
-    from probes.runs import RunFolderError
-
     try:
         return Run(experiment, pair_name(args), config, out=args.out, mode=mode)
     except RunFolderError as exc:
