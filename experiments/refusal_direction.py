@@ -43,8 +43,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refusal-phrases", nargs="+", default=list(refusal.DEFAULT_PHRASES))
     p.add_argument("--judge", choices=list(refusal.JUDGES), default=None,
                    help="judge of generated text behind refusal_rate: reference (Arditi et al.'s phrases, "
-                        "case-sensitive; the default) or extended (plus bare sorry/cannot, lower-cased; the default "
-                        "for the toy pair, whose lower-case vocabulary cannot write the reference phrases). Both "
+                        "lower-cased match as their code; the default) or extended (plus bare sorry/cannot). Both "
                         "are reported either way")
     p.add_argument("--judge-phrases", nargs="+", default=None,
                    help="judge by these phrases instead (lower-cased match)")
@@ -115,7 +114,7 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
     tok_ids = refusal.refusal_tokens(pair.tokenizer, args.refusal_phrases)
     b = {s: {k: pair.encode(v) for k, v in d.items()} for s, d in splits.items()}
     bs, L = args.batch_size, pair.n_layers
-    judge_name = args.judge or ("extended" if is_toy(args) else "reference")
+    judge_name = args.judge or "reference"
     judge = args.judge_phrases or judge_name
     run.update(refusal_tokens=tok_ids, refusal_token_text=[pair.tokenizer.decode([i]) for i in tok_ids],
                counts={s: {k: len(v) for k, v in d.items()} for s, d in b.items()},
