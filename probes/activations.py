@@ -223,9 +223,7 @@ class Activations:
 
 def _checksum(text: str, data: dict[str, torch.Tensor]) -> str:
     """sha256 of the metadata text and every tensor's name, shape, dtype and bytes."""
-    from probes.checkpoints import key
-
-    return key(text, {k: data[k] for k in sorted(data)})
+    return checkpoints.key(text, data)
 
 
 def model_device(model: Any) -> torch.device:
@@ -359,7 +357,9 @@ def record(
         def one_chunk(sub: ChatBatch = sub) -> dict[str, torch.Tensor]:
             index, weights, _ = position_selector(sub, positions)
             index, weights = index.to(device), weights.to(device)
-            got = {h: torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
+            # keep="all": the hooks write straight into the chunk's rows of the final tensor (no copy after).
+            got = {h: kept[h][start : start + len(sub)] if kept is not None else
+                   torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
 
             def make_hook(h: str, li: int):
                 def fn(act: torch.Tensor, hook: Any) -> None:
@@ -376,7 +376,9 @@ def record(
                                 [sub.input_ids, sub.attention_mask, sub.roles], one_chunk)
         if kept is not None:
             for h in hooks:
-                kept[h][start : start + len(sub)] = out[h]
+                rows = kept[h][start : start + len(sub)]
+                if out[h].data_ptr() != rows.data_ptr():  # read back from the store: copy it into place
+                    rows.copy_(out[h])
         for h in hooks:
             chunk_sum = out[h].sum(0, dtype=torch.float64)
             # A NaN or inf anywhere makes the sum non-finite: one pass checks and accumulates.

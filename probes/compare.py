@@ -266,7 +266,6 @@ def per_token_kl(
                    logprob_instruct=cat["lpi"], response_ids=cat["ids"], valid=cat["valid"])
 
 
-
 def _token_kl_chunk(pair: Any, heads: dict[str, Head], sub: ChatBatch, n_all: int, last: int,
                     pos_chunk: int) -> dict[str, torch.Tensor]:
     """`per_token_kl`'s statistics of one chunk, each `[b, n_all]`: kib, kbi, lpb, lpi (float), ids, valid."""

@@ -27,7 +27,6 @@ import torch
 from tqdm.auto import tqdm
 
 from probes import checkpoints
-
 from probes.activations import record
 from probes.chat import ChatBatch
 
