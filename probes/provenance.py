@@ -69,7 +69,7 @@ def _hub_revision(path: Path) -> str | None:
     return None
 
 
-def model_files(folder: Path) -> dict[str, dict[str, list[str]]]:
+def model_files(folder: Path) -> dict[str, list[str]]:
     """{"config": [...], "weights": [...], "tokenizer": [...]} file names of a model folder."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     return {"config": [n for n in names if n in ("config.json", "generation_config.json")],
@@ -77,8 +77,8 @@ def model_files(folder: Path) -> dict[str, dict[str, list[str]]]:
             "tokenizer": [n for n in names if n in _TOKENIZER_FILES]}
 
 
-def model_source(source: str, resolved: str, *, revision: str | None = None, registry_key: str | None = None,
-                 hash_weights: bool = True) -> dict[str, Any]:
+def model_source(source: str, resolved: str, *, revision: str | None = None,
+                 registry_key: str | None = None) -> dict[str, Any]:
     """Where one model came from and the sha256 of its config, weight and tokenizer files.
 
     source: what the user named (registry row entry, hub id, folder); resolved: what was loaded (a folder, or a
@@ -101,8 +101,7 @@ def model_source(source: str, resolved: str, *, revision: str | None = None, reg
     out["folder"] = str(folder.resolve())
     out["revision"] = revision or _hub_revision(folder)
     files = model_files(folder)
-    kinds = ("config", "tokenizer", "weights") if hash_weights else ("config", "tokenizer")
-    out["sha256"] = {kind: {n: file_sha256(folder / n) for n in files[kind]} for kind in kinds}
+    out["sha256"] = {kind: {n: file_sha256(folder / n) for n in names} for kind, names in files.items()}
     out["weight_files"] = files["weights"]
     return out
 
@@ -129,13 +128,13 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
             "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()}}
 
 
-def prompt_file(path: str | os.PathLike, n_used: int | dict[str, int] | None = None, **options: Any) -> dict[str, Any]:
+def prompt_file(path: str | os.PathLike, n_used: int | None = None) -> dict[str, Any]:
     """A prompt file's path, sha256 and how many of its prompts the run used."""
     p = Path(path)
     out = {"path": str(p.resolve()), "sha256": file_sha256(p), "bytes": p.stat().st_size}
     if n_used is not None:
         out["n_used"] = n_used
-    return out | {k: v for k, v in options.items() if v is not None}
+    return out
 
 
 def git_commit(start: str | os.PathLike | None = None) -> dict[str, Any] | None:
@@ -165,8 +164,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def device_info(device: str | None = None) -> dict[str, Any]:
-    info: dict[str, Any] = {"requested": device, "cuda": torch.cuda.is_available(),
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"cuda": torch.cuda.is_available(),
                             "threads": torch.get_num_threads(), "platform": platform.platform()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -80,7 +80,7 @@ def is_complete(folder: Path) -> bool:
 class _Lock:
     """An exclusive `flock` on `<parent>/.<name>.lock`, held for the life of the run (released by the OS on exit)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, target: Path):
         import fcntl
 
         self.path = path
@@ -90,7 +90,7 @@ class _Lock:
         except OSError:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise RunFolderError(f"another run is writing to {path.parent / path.name[1:-5]} (lock {path} held by "
+            raise RunFolderError(f"another run is writing to {target} (lock {path} held by "
                                  f"pid {holder}): wait for it, or choose another --out") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
@@ -128,7 +128,7 @@ class Run:
             raise RunFolderError(f"{parent} is not writable")
         self.partial = parent / f".{self.target.name}.partial"
         self.mode = mode
-        self._lock = _Lock(parent / f".{self.target.name}.lock")
+        self._lock = _Lock(parent / f".{self.target.name}.lock", self.target)
         try:
             self._check_target(mode)
         except BaseException:
