@@ -41,6 +41,28 @@ def hook_name(hook: str, layer: int) -> str:
     return template.format(layer=layer)
 
 
+def resolve_layers(layers: int | slice | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Layer indices 0..n_layers-1 from None (all), an int, a slice or a list; negative counts from the last layer
+    (-1 = the last). Raises ValueError on an empty selection, a layer out of range or a repeated layer."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, slice):
+        out = list(range(n_layers))[layers]
+        if not out:
+            raise ValueError(f"{layers.start}:{layers.stop} selects no layer of a {n_layers}-layer model")
+        return out
+    raw = [layers] if isinstance(layers, int) else list(layers)
+    if not raw:
+        raise ValueError("no layers given")
+    bad = [x for x in raw if not -n_layers <= int(x) < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a {n_layers}-layer model")
+    out = [int(x) % n_layers for x in raw]
+    if len(set(out)) < len(out):
+        raise ValueError(f"layers {raw} name a layer twice")
+    return out
+
+
 def _split_specs(positions: PositionSpec) -> list[str | int]:
     return list(positions) if isinstance(positions, (list, tuple)) else [positions]
 
@@ -333,12 +355,9 @@ def record(
         raise ValueError("keep must be 'all' or 'mean'")
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     n_layers = int(model.cfg.n_layers)
-    layers = list(range(n_layers)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if not hooks or not layers:
-        raise ValueError("nothing to record: no hooks or no layers")
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a {n_layers}-layer model")
+    if not hooks:
+        raise ValueError("nothing to record: no hooks")
+    layers = resolve_layers(layers, n_layers)
     if len(batch) == 0:
         raise ValueError("empty batch")
     check_fits(model, batch)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from probes.activations import PositionSpec, check_fits, forward, last_logits, model_device, position_weights
+from probes.activations import PositionSpec, check_fits, resolve_layers, forward, last_logits, model_device, position_weights
 from probes.chat import ROLE_ID, ChatBatch
 from probes.refusal import refusal_score, refusal_tokens
 
@@ -45,16 +45,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _layers(model: Any, layers: int | Sequence[int] | None) -> list[int]:
-    n = int(model.cfg.n_layers)
-    out = list(range(n)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if not out:
-        raise ValueError("no layers selected")
-    bad = [layer for layer in out if not 0 <= layer < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a {n}-layer model")
-    if len(set(out)) != len(out):
-        raise ValueError(f"repeated layers in {out}")
-    return out
+    return resolve_layers(layers, int(model.cfg.n_layers))
 
 
 def _same_columns(labels: list[str], chunk_labels: list[str], spec: Any) -> None:

@@ -164,6 +164,18 @@ class ChatBatch:
         return torch.stack(out, dim=1), labels
 
 
+def check_position_spec(spec: str | int) -> None:
+    """Raise ValueError unless `spec` is a position spec `ChatBatch.positions` or `record` can read (syntax and
+    role only: whether every row has such a token is known once prompts are encoded). "all" is read by `record`."""
+    if isinstance(spec, int) or spec in ("last", "all"):
+        return
+    m = _SPEC.match(spec) or re.match(r"^\s*mean\(\s*(?P<role>[a-z_]+)\s*\)\s*$", spec)
+    if m is None:
+        raise ValueError(f"cannot read position spec {spec!r}; e.g. 'post_instruction[-1]', 'user[0:3]', 'last'")
+    if m["role"] not in ROLE_ID or m["role"] == "pad":
+        raise ValueError(f"unknown role {m['role']!r} in {spec!r}; roles are {list(ROLES[1:])}")
+
+
 def _position_label(role: str, i: int, count: int, uniform: bool) -> str:
     # Post-instruction tokens are named by their negative offset, the convention used across the toolkit.
     if role == "post_instruction" and uniform and i >= 0:

@@ -1,91 +1,131 @@
-"""`probes` command line: list pairs, run the experiments (thin wrappers over experiments/*.py)."""
+"""probes: measure how an instruct model differs from its base model, layer by layer.
+
+Errors are one line; --debug (anywhere on the line) or PROBES_DEBUG=1 shows the traceback.
+"""
 from __future__ import annotations
 
 import argparse
-import runpy
+import os
 import sys
+import traceback
 from pathlib import Path
 
-EXPERIMENTS = ("refusal_direction", "logit_lens", "activation_diff", "template_attention")
+# OpenMP threads otherwise spin-wait between the small kernels of CPU forward passes.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from probes.experiments import EXPERIMENTS  # noqa: E402
 
 
-def _experiments_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "experiments"
+def _listing() -> str:
+    width = max(map(len, EXPERIMENTS))
+    lines = [f"  {name.ljust(width)}  {summary}" for name, summary in EXPERIMENTS.items()]
+    return ("experiments (probes run NAME --help for each one's options; 'all' runs every one):\n"
+            + "\n".join(lines))
 
 
-def cmd_pairs(_: argparse.Namespace) -> int:
+def cmd_pairs() -> int:
     from probes.registry import table
 
     rows = table()
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("key", "family", "base", "instruct", "params")}
-    print("  ".join(k.ljust(w) for k, w in widths.items()))
+    keys = ("key", "family", "base", "instruct", "params", "notes")
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(w) for k, w in widths.items()).rstrip())
     for r in rows:
-        print("  ".join(r[k].ljust(w) for k, w in widths.items()))
+        print("  ".join(r[k].ljust(w) for k, w in widths.items()).rstrip())
     return 0
 
 
-def _with_out(rest: list[str], out: str) -> list[str]:
-    """`rest` with its `--out` value replaced by `out`."""
-    args, i = [], 0
-    while i < len(rest):
-        if rest[i] == "--out":
-            i += 2
-            continue
-        if not rest[i].startswith("--out="):
-            args.append(rest[i])
-        i += 1
-    return [*args, "--out", out]
+def cmd_run(name: str, rest: list[str]) -> int:
+    """Run one experiment, or all: every experiment's arguments and inputs are checked before the first runs."""
+    from probes import experiments
 
-
-def _out_value(rest: list[str]) -> str | None:
-    for i, a in enumerate(rest):
-        if a == "--out" and i + 1 < len(rest):
-            return rest[i + 1]
-        if a.startswith("--out="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
-    names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
-    out = _out_value(rest)
-    for name in names:
-        script = _experiments_dir() / f"{name}.py"
-        if not script.exists():
-            raise SystemExit(f"experiment script {script} not found (run from a source checkout)")
-        print(f"== {name}", flush=True)
-        saved = sys.argv
-        # `all` with one --out: every experiment gets its own subfolder, never one shared folder.
-        argv = _with_out(rest, str(Path(out) / name)) if out is not None and len(names) > 1 else rest
-        sys.argv = [str(script), *argv]
-        try:
-            runpy.run_path(str(script), run_name="__main__")
-        finally:
-            sys.argv = saved
+    names = list(EXPERIMENTS) if name == "all" else [name]
+    prepared = []
+    for n in names:
+        module = experiments.load(n)
+        args = module.parser(prog=f"probes run {n}").parse_args(rest)
+        if name == "all" and args.out is not None:
+            args.out = str(Path(args.out) / n)  # every experiment its own folder, never one shared
+        prepared.append((n, module, args, module.prepare(args)))
+    for n, module, args, inputs in prepared:
+        if len(names) > 1:
+            print(f"== {n}", flush=True)
+        run = module.run(args, inputs)
+        print(module.report(run), flush=True)
     return 0
 
 
 def cmd_train_toy(rest: list[str]) -> int:
     from probes.toy import train
 
-    sys.argv = ["probes.toy.train", *rest]
+    sys.argv = ["probes train-toy", *rest]
     train.main()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="probes", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="probes", description=__doc__, epilog=_listing(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("pairs", help="list the registered base/instruct pairs")
-    run = sub.add_parser("run", help="run an experiment (or 'all'); other arguments go to the script")
-    run.add_argument("experiment", choices=(*EXPERIMENTS, "all"))
-    sub.add_parser("train-toy", help="retrain the toy pair (arguments go to probes.toy.train)")
+    run = sub.add_parser("run", help="run an experiment, or all of them", add_help=False,
+                         description=_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("experiment", nargs="?", metavar="NAME")
+    sub.add_parser("train-toy", help="retrain the toy pair (probes train-toy --help)", add_help=False)
+    gallery = sub.add_parser("gallery", help="screenshot every figure of run folders (headless Chromium) as PNG")
+    gallery.add_argument("runs", nargs="+", help="run folders (or folders of run folders)")
+    gallery.add_argument("--out", required=True, help="folder for the PNG files")
+    return parser
+
+
+def _dispatch(argv: list[str]) -> int:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "pairs":
-        return cmd_pairs(args)
-    if args.command == "run":
-        return cmd_run(args, rest)
-    return cmd_train_toy(rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return cmd_pairs()
+    if args.command == "train-toy":
+        return cmd_train_toy(rest)
+    if args.command == "gallery":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from probes.browser import gallery
+
+        for png in gallery(args.runs, args.out):
+            print(png)
+        return 0
+    name = args.experiment
+    if name is None or name in ("-h", "--help"):
+        print(f"usage: probes run NAME [options]\n\n{_listing()}")
+        return 0 if name else 2
+    if name != "all" and name not in EXPERIMENTS:
+        parser.exit(2, f"probes run: unknown experiment {name!r}\n\n{_listing()}\n")
+    return cmd_run(name, rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PROBES_DEBUG") == "1"
+    try:
+        return _dispatch(argv)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):  # argparse's own exits (help, usage errors)
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"probes: error: {exc.code}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("probes: interrupted (an unfinished run resumes with --resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 -- one line for the user; --debug for the traceback
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"probes: error: {type(exc).__name__}: {msg} (--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

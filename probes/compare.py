@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes import checkpoints
-from probes.activations import PositionSpec, forward, hook_name, model_device, record
+from probes.activations import PositionSpec, forward, hook_name, model_device, record, resolve_layers
 from probes.chat import ROLE_ID, ROLES, ChatBatch
 from probes.directions import cosine, diff_of_means
 from probes.lens import DirectionLens, Head, direction_lens, kl
@@ -129,9 +129,7 @@ def mean_diff(
     `[group, d_model]` float64 sums at once. Raises FloatingPointError on a non-finite activation in a group.
     """
     n_layers = pair.n_layers
-    layer_list = list(range(n_layers)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if not layer_list or any(not 0 <= layer < n_layers for layer in layer_list):
-        raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {layer_list}")
+    layer_list = resolve_layers(layers, n_layers)
     if len(batch) == 0:
         raise ValueError("empty batch")
     if batch_size < 1:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes import checkpoints
-from probes.activations import record
+from probes.activations import record, resolve_layers
 from probes.chat import ChatBatch
 
 # Above this many float32 elements (1 GiB) `keep_logprobs` refuses: keep top-k or fewer positions instead.
@@ -254,14 +254,7 @@ def _targets(targets: Any, n_prompts: int, d_vocab: int) -> torch.Tensor | None:
 
 
 def _layers(model: Any, layers: int | Sequence[int] | None) -> list[int]:
-    n = int(model.cfg.n_layers)
-    out = list(range(n)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if not out:
-        raise ValueError("no layers to decode")
-    bad = [layer for layer in out if not 0 <= layer < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a {n}-layer model")
-    return out
+    return resolve_layers(layers, int(model.cfg.n_layers))
 
 
 def _capture(model: Any, sub: ChatBatch, hook: str, layers: list[int], spec: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,14 +179,17 @@ def test_config_records_provenance(tmp_path, tiny_pair_dirs):
 
 
 def test_run_all_gives_each_experiment_its_own_folder(tmp_path, monkeypatch):
-    from probes import cli
+    from probes import cli, experiments
 
     seen = []
-    monkeypatch.setattr(cli.runpy, "run_path", lambda path, run_name: seen.append(list(sys.argv)))
+    for name in experiments.EXPERIMENTS:
+        module = experiments.load(name)
+        monkeypatch.setattr(module, "run", lambda args, inputs, name=name: seen.append((name, args)) or None)
+        monkeypatch.setattr(module, "report", lambda run: "")
     cli.main(["run", "all", "--out", str(tmp_path), "--seed", "1"])
-    outs = [a[a.index("--out") + 1] for a in seen]
-    assert outs == [str(tmp_path / name) for name in cli.EXPERIMENTS]
-    assert all(a.count("--out") == 1 and "--seed" in a for a in seen)
+    assert [n for n, _ in seen] == list(experiments.EXPERIMENTS)
+    assert [a.out for _, a in seen] == [str(tmp_path / n) for n in experiments.EXPERIMENTS]
+    assert all(a.seed == 1 for _, a in seen)
 
 
 KILL_DRIVER = """

@@ -87,11 +87,7 @@ def hf_model(folder: Path):
 
 
 def load_experiment(name: str):
-    """The module of experiments/`name`.py (the experiments folder is not a package)."""
-    import importlib.util
+    """The module of experiment `name` (`probes.experiments.<name>`)."""
+    from probes import experiments
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiments.load(name)
