@@ -107,7 +107,8 @@ def position_weights(batch: ChatBatch, positions: PositionSpec) -> tuple[torch.T
 
 
 def select_positions(act: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`[batch, k, d]` float32 from `[batch, seq, d]` activations with a `position_selector` result."""
+    """`[batch, k, *feature]` float32 from `[batch, seq, *feature]` activations with a `position_selector`
+    result."""
     if index.shape[1] == act.shape[1] and bool((index == torch.arange(act.shape[1], device=index.device)).all()):
         out = act.float().clone()  # every position in order: a plain copy, no gather
     else:
@@ -118,16 +119,29 @@ def select_positions(act: torch.Tensor, index: torch.Tensor, weights: torch.Tens
         w = weights[:, means]
         # Only positions a mean reads are multiplied, so a NaN elsewhere (padding) cannot leak in.
         read = (w.sum(1) > 0)[..., None]
-        out[:, means] = torch.einsum("bks,bsd->bkd", w, act.float().masked_fill(~read, 0.0))
+        flat = act.float().flatten(2).masked_fill(~read, 0.0)
+        out[:, means] = torch.einsum("bks,bsd->bkd", w, flat).reshape(w.shape[0], w.shape[1], *act.shape[2:])
     return out
+
+
+def expand_positions(batch: ChatBatch, positions: PositionSpec) -> tuple[PositionSpec, list[str] | None]:
+    """`positions` with `"all"` expanded to every token (labels "0".."seq-1"; the batch must be unpadded, so
+    position i is the same token position in every row), and those labels (None for other specs)."""
+    if isinstance(positions, str) and positions == "all":
+        if not bool(batch.attention_mask.all()):
+            raise ValueError("positions='all' needs an unpadded batch (e.g. batch[i:i+1]); use a role spec such as "
+                             "'post_instruction' to align positions across prompts")
+        return list(range(-batch.seq_len, 0)), [str(i) for i in range(batch.seq_len)]
+    return positions, None
 
 
 @dataclass
 class Activations:
     """Recorded activations of one model on one ChatBatch.
 
-    `tensors[hook]`: `[prompt, layer, position, d_model]` float32 (None when recorded with `keep="mean"`);
-    `sums[hook]`: `[layer, position, d_model]` float64 running sums over `count` prompts.
+    `tensors[hook]`: `[prompt, layer, position, *feature]` float32 (None when recorded with `keep="mean"`);
+    `sums[hook]`: `[layer, position, *feature]` float64 running sums over `count` prompts. feature is `[d_model]`
+    for the residual stream, `[head, d_head]` for hooks with a head axis (`attn.hook_z`).
     """
 
     hooks: list[str]
@@ -140,9 +154,19 @@ class Activations:
     prompts: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        def span(xs: list) -> str:
+            return repr(xs) if len(xs) <= 6 else f"[{xs[0]}, {xs[1]}, ..., {xs[-1]}] ({len(xs)})"
+
+        shapes = {h: list((self.tensors[h] if self.tensors is not None else self.sums[h]).shape) for h in self.hooks}
+        kept = "tensors" if self.tensors is not None else "sums only (keep='mean')"
+        return (f"Activations(model={self.model!r}, prompts={self.count}, hooks={self.hooks}, "
+                f"layers={span(self.layers)}, positions={span(self.positions)}, {kept} {shapes})")
+
     @property
     def tensor(self) -> torch.Tensor:
-        """The `[prompt, layer, position, d_model]` tensor of the only hook."""
+        """The `[prompt, layer, position, *feature]` tensor of the only hook (feature: `[d_model]` for the
+        residual stream, `[head, d_head]` for `attn.hook_z`)."""
         if self.tensors is None:
             raise ValueError("recorded with keep='mean': only means are available")
         if len(self.hooks) != 1:
@@ -150,7 +174,7 @@ class Activations:
         return self.tensors[self.hooks[0]]
 
     def mean(self, hook: str | None = None) -> torch.Tensor:
-        """`[layer, position, d_model]` float64 mean over prompts."""
+        """`[layer, position, *feature]` float64 mean over prompts."""
         hook = hook or self._only_hook()
         return self.sums[hook] / self.count
 
@@ -187,7 +211,7 @@ class Activations:
         """Read a file written by `save`, checking its metadata against its tensors; errors name the file.
 
         Checked: the checksum written with the file (labels, count and tensors unchanged since), count > 0,
-        distinct layers and positions, shapes `[layer, position, d_model]` / `[count, layer, position, d_model]`,
+        distinct layers and positions, shapes `[layer, position, *feature]` / `[count, layer, position, *feature]`,
         finite sums equal to the sums of the kept tensors. Raises `probes.directions.InvalidFileError`.
         """
         from safetensors import SafetensorError, safe_open
@@ -225,8 +249,8 @@ class Activations:
         sums, tensors = {}, {}
         for h in hooks:
             s = data.get(f"sum/{h}")
-            if s is None or s.ndim != 3 or tuple(s.shape[:2]) != (len(layers), len(positions)):
-                raise bad(f"sum/{h} must be [layer={len(layers)}, position={len(positions)}, d_model]")
+            if s is None or s.ndim < 3 or tuple(s.shape[:2]) != (len(layers), len(positions)):
+                raise bad(f"sum/{h} must be [layer={len(layers)}, position={len(positions)}, *feature]")
             if not bool(torch.isfinite(s).all()):
                 raise bad(f"sum/{h} has non-finite entries")
             sums[h] = s
@@ -265,6 +289,22 @@ def forward(model: Any, batch: ChatBatch, *, return_type: str | None = "logits",
     with torch.no_grad():
         return model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                      return_type=return_type, **kwargs)
+
+
+def run_with_cache(model: Any, batch: ChatBatch, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """`model.run_with_cache` on a ChatBatch with its attention mask, without autograd: (logits `[batch, seq,
+    vocab]`, ActivationCache). kwargs go to `run_with_cache` (`names_filter`, `stop_at_layer`, ...).
+
+    The mask matters: left-padded rows run without it attend to the pad tokens and give other activations.
+    """
+    if not isinstance(batch, ChatBatch):
+        raise TypeError("run_with_cache takes a ChatBatch (pair.encode(...)), whose attention mask it passes; "
+                        "for bare ids call model.run_with_cache(ids, attention_mask=...)")
+    check_fits(model, batch)
+    device = model_device(model)
+    with torch.no_grad():
+        return model.run_with_cache(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                    **kwargs)
 
 
 def last_logits(
@@ -336,7 +376,7 @@ def record(
     model: Any,
     batch: ChatBatch,
     hooks: str | Sequence[str] = ("resid_post",),
-    layers: int | Sequence[int] | None = None,
+    layers: int | slice | Sequence[int] | None = None,
     positions: PositionSpec = "post_instruction[-1]",
     *,
     batch_size: int = 16,
@@ -346,8 +386,12 @@ def record(
 ) -> Activations:
     """Record `hooks` x `layers` x `positions` of `model` on `batch`.
 
+    hooks: short names (`"resid_post"`, see `HOOKS`) or templates such as `"blocks.{layer}.attn.hook_z"`; any
+    hook whose activation is `[batch, seq, *feature]` (a head axis is kept: `[..., head, d_head]`).
+    layers: None (all), an int, a list or a slice; negative counts from the last (-1 = the last layer).
     positions: a spec understood by `ChatBatch.positions` (`"post_instruction[-1]"`, `"post_instruction"`,
-    `"user[0:3]"`, `"last"`, -1), `"mean(role)"`, or a list of these. The absolute index differs per row.
+    `"user[0:3]"`, `"last"`, -1), `"mean(role)"`, a list of these, or `"all"` (every token of an unpadded batch,
+    as the lens). The absolute index differs per row.
     keep: `"all"` keeps `[prompt, layer, position, d_model]`; `"mean"` keeps only the float64 sums.
     Raises FloatingPointError when an activation is NaN or infinite.
     """
@@ -361,28 +405,39 @@ def record(
     if len(batch) == 0:
         raise ValueError("empty batch")
     check_fits(model, batch)
-    labels = position_selector(batch[:1], positions)[2]  # validates the spec before any forward pass
+    positions, all_labels = expand_positions(batch, positions)
+    labels = all_labels or position_selector(batch[:1], positions)[2]  # validates the spec before any forward
 
     device = model_device(model)
-    d_model = int(model.cfg.d_model)
-    sums = {h: torch.zeros(len(layers), len(labels), d_model, dtype=torch.float64) for h in hooks}
+    # Feature shapes ([d_model], or [head, d_head] for attn.hook_z) are known once a hook first fires.
+    sums: dict[str, torch.Tensor] = {}
     # keep="all" writes each chunk straight into its rows of the final tensor: no concatenation copy at the end.
-    kept = {h: torch.empty(len(batch), len(layers), len(labels), d_model) for h in hooks} if keep == "all" else None
+    kept: dict[str, torch.Tensor] | None = {} if keep == "all" else None
     # Stop after the deepest block we need: later blocks cannot change earlier activations.
     stop = max(layers) + 1
     chunks = batch.chunks(batch_size)
     for start, sub in tqdm(chunks, desc=f"record {model_name or model.cfg.model_name}", disable=not progress or len(chunks) < 2,
                        leave=False):
-        def one_chunk(sub: ChatBatch = sub) -> dict[str, torch.Tensor]:
+        def one_chunk(sub: ChatBatch = sub, start: int = start) -> dict[str, torch.Tensor]:
             index, weights, _ = position_selector(sub, positions)
             index, weights = index.to(device), weights.to(device)
-            # keep="all": the hooks write straight into the chunk's rows of the final tensor (no copy after).
-            got = {h: kept[h][start : start + len(sub)] if kept is not None else
-                   torch.empty(len(sub), len(layers), len(labels), d_model) for h in hooks}
+            got: dict[str, torch.Tensor] = {}
 
             def make_hook(h: str, li: int):
                 def fn(act: torch.Tensor, hook: Any) -> None:
-                    got[h][:, li] = select_positions(act, index, weights).cpu()
+                    if act.ndim < 3 or tuple(act.shape[:2]) != (len(sub), sub.seq_len):
+                        raise ValueError(f"{hook.name} gives {tuple(act.shape)}; record needs [batch, seq, ...] "
+                                         "activations (attention patterns: probes.attention)")
+                    sel = select_positions(act, index, weights)
+                    if h not in got:
+                        shape = (len(layers), len(labels), *sel.shape[2:])
+                        if kept is not None:  # the hooks write straight into this chunk's rows of the result
+                            if h not in kept:
+                                kept[h] = torch.empty(len(batch), *shape)
+                            got[h] = kept[h][start : start + len(sub)]
+                        else:
+                            got[h] = torch.empty(len(sub), *shape)
+                    got[h][:, li] = sel.cpu()
                 return fn
 
             fwd = [(hook_name(h, layer), make_hook(h, li)) for h in hooks for li, layer in enumerate(layers)]
@@ -393,12 +448,13 @@ def record(
         # A finished chunk is kept in the active run's store (if any), so an interrupted run resumes after it.
         out = checkpoints.chunk("record", model, dict(hooks=hooks, layers=layers, positions=labels),
                                 [sub.input_ids, sub.attention_mask, sub.roles], one_chunk)
-        if kept is not None:
-            for h in hooks:
+        for h in hooks:
+            if kept is not None:
+                if h not in kept:
+                    kept[h] = torch.empty(len(batch), *out[h].shape[1:])
                 rows = kept[h][start : start + len(sub)]
                 if out[h].data_ptr() != rows.data_ptr():  # read back from the store: copy it into place
                     rows.copy_(out[h])
-        for h in hooks:
             chunk_sum = out[h].sum(0, dtype=torch.float64)
             # A NaN or inf anywhere makes the sum non-finite: one pass checks and accumulates.
             if not bool(torch.isfinite(chunk_sum).all()):
@@ -406,7 +462,7 @@ def record(
                 raise FloatingPointError(
                     f"non-finite activation at {hook_name(h, layers[int(idx[1])])} (layer {layers[int(idx[1])]}) for "
                     f"prompt {start + int(idx[0])}: '{sub.instructions[int(idx[0])][:60]}'")
-            sums[h] += chunk_sum
+            sums[h] = sums[h] + chunk_sum if h in sums else chunk_sum
     return Activations(
         hooks=hooks, layers=layers, positions=labels, model=model_name or str(model.cfg.model_name),
         count=len(batch), sums=sums,

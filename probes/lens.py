@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes import checkpoints
-from probes.activations import record, resolve_layers
+from probes.activations import expand_positions, record, resolve_layers
 from probes.chat import ChatBatch
 
 # Above this many float32 elements (1 GiB) `keep_logprobs` refuses: keep top-k or fewer positions instead.
@@ -229,12 +229,8 @@ def token_ids(tokenizer: Any, words: str | Sequence[str]) -> list[int]:
 
 def _resolve_positions(batch: ChatBatch, positions: PositionsArg) -> tuple[list[str | int] | str | int, list[str]]:
     """A spec for `record` and labels. `"all"`: every token; needs a batch without padding (e.g. one prompt)."""
-    if isinstance(positions, str) and positions == "all":
-        if not bool(batch.attention_mask.all()):
-            raise ValueError("positions='all' needs an unpadded batch (e.g. batch[i:i+1]); use a role spec such as "
-                             "'post_instruction' to align positions across prompts")
-        return list(range(-batch.seq_len, 0)), [str(i) for i in range(batch.seq_len)]
-    return positions, batch.positions(positions)[1]
+    spec, labels = expand_positions(batch, positions)
+    return spec, labels if labels is not None else batch.positions(spec)[1]
 
 
 def _targets(targets: Any, n_prompts: int, d_vocab: int) -> torch.Tensor | None:

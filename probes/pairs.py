@@ -277,6 +277,21 @@ class ModelPair:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def run_with_cache(self, batch: Any, which: str | None = None, **kwargs: Any) -> Any:
+        """`probes.activations.run_with_cache` (attention mask passed) on model `which`, or on both:
+        {"base": (logits, cache), "instruct": (logits, cache)}. With `offload`, each model's cache stays on the
+        device it ran on."""
+        from probes.activations import run_with_cache
+
+        if which is not None:
+            with self.on_device(which) as model:
+                return run_with_cache(model, batch, **kwargs)
+        out = {}
+        for w in ("base", "instruct"):
+            with self.on_device(w) as model:
+                out[w] = run_with_cache(model, batch, **kwargs)
+        return out
+
     def encode(
         self,
         instructions: Sequence[str],

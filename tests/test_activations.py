@@ -116,3 +116,80 @@ def test_bad_input_errors(tiny_pair_dirs, tiny_tokenizer):
     broken.original_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         record(broken, batch, hooks="resid_post", progress=False)
+
+
+def test_run_with_cache_passes_the_mask(tiny_pair_dirs, tiny_tokenizer):
+    """A left-padded row's logits and cached residuals equal HF's on that prompt alone; without the mask they
+    would not (the check below shows the gap is real, so the equality is not vacuous)."""
+    from probes import run_with_cache
+
+    folder = tiny_pair_dirs["qwen2"][1]
+    model = load_model(folder, device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    row = 2  # "hello": the shortest, most padded row
+    n = int(batch.attention_mask[row].sum())
+    logits, cache = run_with_cache(model, batch, names_filter=lambda name: name.endswith("hook_resid_post"))
+    hf = tiny.hf_model(folder)
+    alone = batch[row : row + 1]
+    alone_ids = alone.input_ids[:, -n:]
+    with torch.no_grad():
+        ref = hf(alone_ids, output_hidden_states=True)
+    torch.testing.assert_close(logits[row, -n:], ref.logits[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_post"][row, -n:], ref.hidden_states[1][0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        unmasked = model(batch.input_ids)
+    assert (unmasked[row, -n:] - ref.logits[0]).abs().max() > 1e-2
+    pair = load_pair(*tiny_pair_dirs["qwen2"], device="cpu")
+    both = pair.run_with_cache(batch)
+    torch.testing.assert_close(both["instruct"][0], logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(both["base"][0], logits)
+    with pytest.raises(TypeError, match="ChatBatch"):
+        run_with_cache(model, batch.input_ids)
+
+
+def test_record_all_positions_negative_layers_and_head_axis(tiny_pair_dirs, tiny_tokenizer):
+    folder = tiny_pair_dirs["llama"][1]
+    model = load_model(folder, device="cpu")
+    one = encode(tiny_tokenizer, PROMPTS[:1])
+    hidden, _ = hf_reference(folder, one, "llama")
+    acts = record(model, one, hooks="resid_pre", layers=-1, positions="all", progress=False)
+    n = model.cfg.n_layers
+    assert acts.layers == [n - 1] and acts.positions == [str(i) for i in range(one.seq_len)]
+    torch.testing.assert_close(acts.tensor[0, 0], hidden[n - 1][0], atol=1e-5, rtol=0)
+    assert record(model, one, layers=slice(-2, None), progress=False).layers == [n - 2, n - 1]
+    with pytest.raises(ValueError, match="unpadded"):
+        record(model, encode(tiny_tokenizer, PROMPTS), positions="all", progress=False)
+    with pytest.raises(ValueError, match="twice"):
+        record(model, one, layers=[1, -2], progress=False)
+
+    # attn.hook_z keeps its head axis: [prompt, layer, position, head, d_head], equal to HF's o_proj input.
+    batch = encode(tiny_tokenizer, PROMPTS)
+    z = record(model, batch, hooks="blocks.{layer}.attn.hook_z", positions=["post_instruction", "mean(user)"],
+               progress=False)
+    hf = tiny.hf_model(folder)
+    seen = []
+    handles = [b.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in hf.model.layers]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hf(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos)
+    for h in handles:
+        h.remove()
+    heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    assert z.tensor.shape == (3, n, len(batch.post_instruction_offsets) + 1, heads, d_head)
+    idx, _ = batch.positions("post_instruction")
+    user = batch.role_mask("user").float()
+    for layer in range(n):
+        ref = seen[layer].reshape(3, batch.seq_len, heads, d_head)
+        torch.testing.assert_close(z.tensor[:, layer, :-1], gather(ref, idx), atol=1e-5, rtol=0)
+        mean_user = (ref * user[..., None, None]).sum(1) / user.sum(1)[:, None, None]
+        torch.testing.assert_close(z.tensor[:, layer, -1], mean_user, atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.mean(), z.tensor.double().mean(0), atol=1e-9, rtol=0)
+    text = repr(z)
+    assert len(text) < 400 and "hook_z" in text and str(list(z.tensor.shape)) in text
+
+
+def test_activations_repr_is_short(tiny_pair_dirs, tiny_tokenizer):
+    model = load_model(tiny_pair_dirs["llama"][1], device="cpu")
+    acts = record(model, encode(tiny_tokenizer, PROMPTS), hooks="resid_post", progress=False)
+    text = repr(acts)
+    assert text.startswith("Activations(") and "prompts=3" in text and "[3, 3, 1, 64]" in text and len(text) < 300
