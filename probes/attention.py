@@ -444,6 +444,17 @@ class PatchResult:
     def head_effects(self) -> dict[Head, float]:
         return {h: float((s - self.clean).mean()) for h, s in self.per_head.items()}
 
+    def sem(self) -> float:
+        """Standard error over prompts of the change in score (0 for one prompt)."""
+        return _sem(self.patched - self.clean)
+
+    def head_sems(self) -> dict[Head, float]:
+        return {h: _sem(s - self.clean) for h, s in self.per_head.items()}
+
+
+def _sem(x: torch.Tensor) -> float:
+    return float(x.double().std(unbiased=True) / len(x) ** 0.5) if len(x) > 1 else 0.0
+
 
 def head_patching(
     model: Any,

@@ -27,6 +27,9 @@ from probes.checkpoints import ChunkStore
 FIGURES_ROOT = Path("figures")
 MARKER = "run.json"
 MODES = ("new", "overwrite", "resume")
+# Figure files: the toolbar's PNG export at twice the size (sharp in slides); scroll-zoom off so a page scrolls.
+FIGURE_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "scrollZoom": False,
+                 "displaylogo": False}
 
 
 class RunFolderError(RuntimeError):
@@ -105,8 +108,8 @@ class Run:
     """A run folder: `<root>/<experiment>/<pair>/` unless `out` is given.
 
     Holds `config.json` (arguments, provenance: see `probes.provenance`), `results.json` (rewritten as results
-    arrive), tensors as safetensors, figures as HTML with one shared `plotly.min.js` beside them (they open offline),
-    and `run.json` once complete. While running, `dir` is the partial folder; after `finish()`, the target.
+    arrive), tensors as safetensors, figures as self-contained HTML (plotly.js inside: they open offline),
+    `index.html` (config, headline numbers, every figure) and `run.json` once complete. While running, `dir` is the partial folder; after `finish()`, the target.
 
     Use it as a context manager: a clean exit finishes the run, an exception (or SIGINT / SIGTERM) marks the partial
     folder interrupted and leaves the target as it was.
@@ -141,6 +144,7 @@ class Run:
         self.dir = self.partial
         self.chunks = ChunkStore(self.partial / "chunks")
         self.results: dict[str, Any] = {}
+        self._figures: list[str] = []
         self.finished = False
         self._signals: dict[int, Any] = {}
         self.config = {"experiment": experiment, "pair": pair, **config, "mode": mode, "resumed": self.resumed,
@@ -205,10 +209,26 @@ class Run:
         return path
 
     def save_figure(self, name: str, fig: Any) -> Path:
-        """`name`.html next to a single `plotly.min.js` (written once per folder)."""
+        """`name`.html, self-contained: plotly.js is inside the file, so it opens offline wherever it is copied."""
+        if name == "index":
+            raise ValueError("'index' is the run's own page; name the figure otherwise")
         path = self.dir / f"{name}.html"
         tmp = self.dir / f".{name}.html.tmp"
-        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, config=FIGURE_CONFIG)
+        os.replace(tmp, path)
+        if path.name not in self._figures:
+            self._figures.append(path.name)
+        return path
+
+    def write_index(self, status: str = "complete") -> Path:
+        """`index.html`: the run's config, headline numbers and every figure on one page (opens offline)."""
+        from probes.run_index import index_html
+
+        names = self._figures + sorted(p.name for p in self.dir.glob("*.html")
+                                       if p.name not in self._figures and p.name != "index.html")
+        path = self.dir / "index.html"
+        tmp = self.dir / ".index.html.tmp"
+        tmp.write_text(index_html(self.dir, self.config, self.results, names, status), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -218,6 +238,7 @@ class Run:
         if self.finished:
             return self.dir
         shutil.rmtree(self.partial / "chunks", ignore_errors=True)  # resume scratch: the results hold it all
+        self.write_index()
         files = {p.name: provenance.file_sha256(p) for p in sorted(self.partial.iterdir())
                  if p.is_file() and p.name != MARKER}
         self._marker("complete", finished=_now(), files=files)

@@ -357,7 +357,7 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
             res["chosen"]["layer"], res["chosen"]["position"]], atol=0, rtol=0)
     for name in ("sweep", "cosine", "scores", "pca"):
         assert (tmp_path / f"{name}.html").stat().st_size > 1000
-    assert (tmp_path / "plotly.min.js").exists() and run.dir == tmp_path
+    assert (tmp_path / "index.html").exists() and run.dir == tmp_path
     # The orthogonalised instruct model loads in plain transformers and equals hook ablation of the chosen direction.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -33,7 +33,11 @@ def test_run_folder_contents(tmp_path):
     assert json.loads((out / "results.json").read_text()) == {"a": [1.0, 2.0], "b": {"x": 1}, "c": 0.5}
     assert torch.equal(load_file(str(out / "t.safetensors"))["v"], torch.arange(3.0))
     html = (out / "f.html").read_text()
-    assert (out / "plotly.min.js").exists() and 'src="plotly.min.js"' in html and "cdn.plot.ly" not in html
+    # Self-contained: plotly.js is inside the file (a copy elsewhere still draws), nothing loads from a CDN.
+    assert not (out / "plotly.min.js").exists() and "<script src=" not in html and "cdn.plot.ly" not in html
+    assert len(html) > 1_000_000 and "Plotly.newPlot" in html
+    index = (out / "index.html").read_text()
+    assert 'src="f.html"' in index and "<code>0.5</code>" in index and "demo" in index
     marker = load_run(out)["marker"]
     assert marker["status"] == "complete" and set(marker["files"]) >= {"config.json", "results.json", "t.safetensors"}
 

@@ -169,9 +169,10 @@ def compute(run: Run, args: argparse.Namespace, texts: dict[str, list[str]]) -> 
     run.update(patching={
         "model": "instruct", "score": score_name, "positions": res.positions,
         "heads": [list(h) for h in heads], "harmful_clean_mean": float(res.clean.mean()),
-        "harmful_patched_mean": float(res.patched.mean()), "effect": res.effect,
+        "harmful_patched_mean": float(res.patched.mean()), "effect": res.effect, "effect_sem": res.sem(),
         "per_head_effect": {name(h): v for h, v in res.head_effects().items()},
         "control_heads": [list(h) for h in control], "control_effect": ctrl.effect,
+        "control_effect_sem": ctrl.sem(), "per_head_effect_sem": {name(h): v for h, v in res.head_sems().items()},
         "harmless_clean_mean": float(harmless_clean.mean()),
     })
 
@@ -190,6 +191,8 @@ def compute(run: Run, args: argparse.Namespace, texts: dict[str, list[str]]) -> 
     run.save_figure("patching", P.patching_bars(
         {"top heads": res.effect, **{name(h): v for h, v in res.head_effects().items()},
          "control heads": ctrl.effect},
+        errors={"top heads": res.sem(), **{name(h): v for h, v in res.head_sems().items()},
+                "control heads": ctrl.sem()}, control=["control heads"],
         title=f"{pair.name} instruct: refusal score change when heads' template outputs take their harmless mean"))
     b = batches["harmful"]
     run.save_figure("attention_viewer", P.attention_viewer(

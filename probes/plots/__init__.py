@@ -6,6 +6,8 @@ the data and the metric.
 """
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +16,46 @@ from plotly.subplots import make_subplots
 
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
+
+
+# Control characters as their Unicode "control pictures" (\n -> ␊), so whitespace tokens are visible.
+_CONTROL = {chr(c): chr(0x2400 + c) for c in range(32)} | {"\x7f": "\u2421"}
+_SPECIAL = re.compile(r"^<\|?([^<>|]{1,40})\|?>$")
+
+
+def token_text(token: str, *, special: bool | None = None, max_len: int | None = None) -> str:
+    """A token as a figure shows it, safe inside plotly's HTML-like labels: special tokens as ⟨name⟩
+    (`<|im_start|>` -> ⟨im_start⟩, `<bos>` -> ⟨bos⟩), control characters as control pictures (␊, ␉), spaces
+    as ·, an empty token as ∅, cut to `max_len` characters with …, and HTML-escaped.
+
+    special: whether it is a special token (None: guess from the `<...>` / `<|...|>` shape).
+    """
+    m = _SPECIAL.match(token)
+    if m and special is not False:
+        text = f"⟨{m[1]}⟩"
+    else:
+        text = "".join(_CONTROL.get(c, c) for c in token).replace(" ", "·") or "∅"
+    if max_len is not None and len(text) > max_len:
+        text = text[: max_len - 1] + "…"
+    return html.escape(text, quote=False)
+
+
+def layer_ticks(fig: go.Figure, layers: Sequence[int], *, axis: str = "x", **selector) -> None:
+    """Whole-number ticks on a numeric layer axis (never 0.5), every layer when there are few."""
+    n = len(layers)
+    step = 1 if n <= 16 else max(1, round(n / 12))
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    update(tickmode="linear", tick0=min(layers) if n else 0, dtick=step, **selector)
+
+
+def log_ticks(vmax: float) -> list[float]:
+    """Tick values 1, 2, 5, 10, 20, 50, ... up to `vmax` for a log axis (plotly's own minor labels read '2'
+    for 20)."""
+    out, base = [], 1.0
+    while base <= max(vmax, 1.0) * 10:
+        out += [base, 2 * base, 5 * base]
+        base *= 10
+    return [v for v in out if v <= max(vmax, 1.0) * 2]
 
 
 def _arr(z) -> np.ndarray:
@@ -45,7 +87,7 @@ def heatmap_trace(z, *, x=None, y=None, diverging=False, text=None, hover=None, 
               colorscale=DIVERGING if diverging else SEQUENTIAL, zmin=zmin, zmax=zmax, showscale=showscale,
               colorbar=dict(title=colorbar), zmid=0 if diverging else None)
     if text is not None:
-        kw |= dict(text=text, texttemplate="%{text}", textfont=dict(size=9))
+        kw |= dict(text=text, texttemplate="%{text}", textfont=dict(size=10))
     if hover is not None:
         kw |= dict(customdata=hover, hovertemplate="%{y} / %{x}<br>%{customdata}<extra></extra>")
     return go.Heatmap(**kw)

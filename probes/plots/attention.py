@@ -1,14 +1,13 @@
 """Figures for attention on chat-template regions (pure builders: arrays in, plotly Figure out)."""
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from probes.plots import DIVERGING, SEQUENTIAL, _arr, heatmap
+from probes.plots import DIVERGING, SEQUENTIAL, _arr, heatmap, token_text
 
 # One colour per role, shared by bars and token labels.
 ROLE_COLOURS: dict[str, str] = {
@@ -90,20 +89,43 @@ def region_bars(per_layer: Mapping[str, object], regions: Sequence[str], *, laye
     return fig
 
 
-def patching_bars(effects: Mapping[str, float], *, title: str) -> go.Figure:
-    """Bars of mean score changes, e.g. `{"all top heads": -3.1, "L2H1": -1.2, "control": 0.1}`."""
+def patching_bars(effects: Mapping[str, float], *, title: str, errors: Mapping[str, float] | None = None,
+                  control: Sequence[str] = ()) -> go.Figure:
+    """Bars of mean score changes, e.g. `{"top heads": -3.1, "L2H1": -1.2, "control heads": 0.1}`, with ± one
+    standard error over prompts (`errors`, same keys) and the `control` bars hatched grey and named as such."""
     if not effects:
         raise ValueError("nothing to plot")
     names, vals = list(effects), [float(v) for v in effects.values()]
-    fig = go.Figure(go.Bar(x=names, y=vals, marker_color=["#d62728" if v < 0 else "#1f77b4" for v in vals],
-                           hovertemplate="%{x}: %{y:+.3f}<extra></extra>"))
-    fig.update_layout(title=title, yaxis_title="Δ refusal score (patched − clean)", xaxis_title="patched heads")
+    missing = [n for n in control if n not in effects]
+    if missing:
+        raise ValueError(f"control bars {missing} are not among the effects")
+    is_control = [n in set(control) for n in names]
+    colours = ["#9e9e9e" if c else "#d62728" if v < 0 else "#1f77b4" for v, c in zip(vals, is_control)]
+    err = None
+    if errors is not None:
+        err = dict(type="data", array=[float(errors.get(n, 0.0)) for n in names], visible=True, color="#333",
+                   thickness=1.5, width=6)
+    labels = [f"{n}<br><i>(control)</i>" if c else n for n, c in zip(names, is_control)]
+    fig = go.Figure(go.Bar(x=labels, y=vals, marker_color=colours, error_y=err,
+                           marker_pattern_shape=["/" if c else "" for c in is_control],
+                           customdata=[float(errors.get(n, 0.0)) if errors else 0.0 for n in names],
+                           hovertemplate="%{x}: %{y:+.3f} ± %{customdata:.3f} (s.e.)<extra></extra>"))
+    fig.add_hline(y=0, line_color="#555", line_width=1)
+    note = "error bars: ± 1 standard error over prompts" if errors is not None else ""
+    if control:
+        note += ("; " if note else "") + "grey hatched: control heads (smallest attention shift)"
+    fig.update_layout(title=dict(text=title + (f"<br><sup>{note}</sup>" if note else "")), margin=dict(t=100),
+                      yaxis_title="Δ refusal score (patched − clean)", xaxis_title="patched heads")
     return fig
 
 
 def _token_label(i: int, token: str, role: str) -> str:
     colour = ROLE_COLOURS.get(role, "#000000")
-    return f"<span style='color:{colour}'>{i}:{html.escape(token)}</span>"
+    return f"<span style='color:{colour}'>{i}:{token_text(token, max_len=14)}</span>"
+
+
+# Pixels per token row / column of the viewer: the figure grows with the prompt, never squeezes it.
+CELL_PX = 20
 
 
 def attention_viewer(patterns: Mapping[tuple[int, int], object], tokens: Sequence[str], roles: Sequence[str], *,
@@ -111,7 +133,8 @@ def attention_viewer(patterns: Mapping[tuple[int, int], object], tokens: Sequenc
     """Query × key heatmap of one prompt for several heads, with a dropdown over `(layer, head)`.
 
     patterns: `{(layer, head): [query, key]}`; tokens, roles: one per (non-pad) token. Axis labels are the
-    tokens coloured by role; the hover shows both tokens, their roles and the weight.
+    tokens coloured by role (special and whitespace tokens shown visibly); the hover shows both tokens, their
+    roles and the weight. The figure is sized from the number of tokens and the longest label.
     """
     if not patterns:
         raise ValueError("no patterns to show")
@@ -119,7 +142,8 @@ def attention_viewer(patterns: Mapping[tuple[int, int], object], tokens: Sequenc
     if len(roles) != n:
         raise ValueError(f"{len(tokens)} tokens but {len(roles)} roles")
     labels = [_token_label(i, t, r) for i, (t, r) in enumerate(zip(tokens, roles))]
-    hover = [[f"query {q}: {tokens[q]!r} ({roles[q]})<br>key {k}: {tokens[k]!r} ({roles[k]})"
+    shown = [token_text(t, max_len=40) for t in tokens]
+    hover = [[f"query {q}: {shown[q]} ({roles[q]})<br>key {k}: {shown[k]} ({roles[k]})"
               for k in range(n)] for q in range(n)]
     fig = go.Figure()
     keys = list(patterns)
@@ -127,23 +151,32 @@ def attention_viewer(patterns: Mapping[tuple[int, int], object], tokens: Sequenc
         a = _arr(patterns[key])
         if a.shape != (n, n):
             raise ValueError(f"pattern {key} has shape {a.shape}, expected ({n}, {n})")
-        fig.add_trace(go.Heatmap(z=a, x=labels, y=labels, customdata=hover, colorscale=SEQUENTIAL, zmin=0, zmax=1,
-                                 visible=j == 0, colorbar=dict(title="weight"),
+        fig.add_trace(go.Heatmap(z=a, x=list(range(n)), y=list(range(n)), customdata=hover, colorscale=SEQUENTIAL,
+                                 zmin=0, zmax=1, visible=j == 0, colorbar=dict(title="weight", thickness=14),
                                  hovertemplate="%{customdata}<br>weight %{z:.3f}<extra></extra>"))
     buttons = [dict(label=f"layer {layer} head {head}", method="update",
                     args=[{"visible": [i == j for i in range(len(keys))]},
-                          {"title": f"{title} — layer {layer}, head {head}"}])
+                          {"title.text": f"{title} — layer {layer}, head {head}"}])
                for j, (layer, head) in enumerate(keys)]
     legend = "  ".join(f"<span style='color:{c}'>■ {r}</span>" for r, c in ROLE_COLOURS.items() if r in set(roles))
+    # Label room: ~7 px a character of the longest "i:token" label (rotated labels need it vertically too).
+    longest = max(len(f"{i}:{token_text(t, max_len=14)}") for i, t in enumerate(tokens))
+    label_px = 7 * min(longest, 20) + 20
+    side = max(300, CELL_PX * n)
     fig.update_layout(
-        # The menu sits on its own row between the title and the plot, so neither covers the other.
-        margin=dict(t=140),
-        title=dict(text=f"{title} — layer {keys[0][0]}, head {keys[0][1]}", y=0.98, yanchor="top"),
-        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.02, yanchor="bottom")],
-        xaxis=dict(title="key", tickangle=-60, tickmode="array", tickvals=labels, ticktext=labels),
-        yaxis=dict(title="query", autorange="reversed", tickmode="array", tickvals=labels, ticktext=labels),
-        annotations=[dict(text=legend, xref="paper", yref="paper", x=1.0, y=1.02, showarrow=False,
-                          xanchor="right", yanchor="bottom")],
-        height=max(540, 18 * n + 240), width=max(640, 18 * n + 300),
+        # The toolbar's row (top), the title below it, the menu and the role legend on their own row, then the
+        # plot: nothing overlaps however narrow the figure.
+        margin=dict(t=150, l=label_px + 60, b=label_px + 50, r=120),
+        title=dict(text=f"{title} — layer {keys[0][0]}, head {keys[0][1]}", x=0, xref="paper", y=1, yref="container",
+                   yanchor="top", pad=dict(t=44)),
+        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.0, yanchor="bottom",
+                          pad=dict(b=8))],
+        xaxis=dict(title="key", tickangle=-60, tickmode="array", tickvals=list(range(n)), ticktext=labels,
+                   constrain="domain", automargin=True),
+        yaxis=dict(title="query", autorange="reversed", tickmode="array", tickvals=list(range(n)), ticktext=labels,
+                   scaleanchor="x", automargin=True),
+        annotations=[dict(text=legend, xref="paper", yref="paper", x=1.0, y=1.0, showarrow=False,
+                          xanchor="right", yanchor="bottom", yshift=12)],
+        width=side + label_px + 240, height=side + label_px + 230,
     )
     return fig

@@ -7,33 +7,50 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from probes.plots import _arr, heatmap_trace
+from probes.plots import _arr, heatmap_trace, layer_ticks
 
 
 def sweep_heatmaps(bypass, induce, kl, *, layers: Sequence[int], offsets: Sequence[int],
                    chosen: tuple[int, int] | None = None, title: str = "") -> go.Figure:
-    """Layer x post-instruction position heatmaps of bypass score, induce score and first-token KL (`[layer, pos]`).
+    """Layer x post-instruction position heatmaps of bypass score, induce score and first-token KL (`[layer, pos]`),
+    each with its own colour bar and every cell's value written in it.
 
-    Scores are refusal log-odds (diverging, centred on 0); KL is sequential. `chosen` = (layer, offset) is circled.
+    Scores are refusal log-odds (diverging, centred on 0); KL is sequential. `chosen` = (layer, offset) is framed,
+    so its number stays readable. Layers with no candidate at all (all NaN: resid_pre of block 0, the embedding,
+    whose harmful - harmless mean is not a direction of the model's own) are left out and named in a note.
     """
+    arrays = [_arr(z) for z in (bypass, induce, kl)]
+    keep = [i for i in range(len(layers)) if any(np.isfinite(a[i]).any() for a in arrays)]
+    dropped = [layers[i] for i in range(len(layers)) if i not in keep]
     x = [str(o) for o in offsets]
-    y = [str(layer) for layer in layers]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=["bypass score (harmful val, ablated)",
-                                                        "induce score (harmless val, added)",
-                                                        "KL first token (harmless val, ablated)"],
-                        shared_yaxes=True, horizontal_spacing=0.08)
-    for col, (z, div) in enumerate(((bypass, True), (induce, True), (kl, False)), start=1):
-        a = _arr(z)
-        text = [[f"{v:.2f}" if np.isfinite(v) else "" for v in row] for row in a]
-        trace = heatmap_trace(a, x=x, y=y, diverging=div, text=text, showscale=False)
+    y = [str(layers[i]) for i in keep]
+    panels = ["bypass score (harmful val, ablated)", "induce score (harmless val, added)",
+              "KL first token (harmless val, ablated)"]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=panels, shared_yaxes=True, horizontal_spacing=0.1)
+    bars = ["refusal score", "refusal score", "KL (nats)"]
+    for col, (a, div) in enumerate(zip(arrays, (True, True, False)), start=1):
+        a = a[keep]
+        text = [[f"{v:.2f}" if np.isfinite(v) else "n/a" for v in row] for row in a]
+        trace = heatmap_trace(a, x=x, y=y, diverging=div, text=text, colorbar=bars[col - 1])
+        domain = fig.layout[f"xaxis{col if col > 1 else ''}"].domain
+        trace.colorbar.update(x=domain[1] + 0.005, xanchor="left", len=0.9, thickness=12)
         fig.add_trace(trace, row=1, col=col)
-        if chosen is not None:
-            fig.add_trace(go.Scatter(x=[str(chosen[1])], y=[str(chosen[0])], mode="markers", showlegend=False,
-                                     marker=dict(symbol="circle-open", size=22, color="black", line=dict(width=3)),
-                                     hoverinfo="skip"), row=1, col=col)
+        if chosen is not None and str(chosen[0]) in y and str(chosen[1]) in x:
+            xi, yi = x.index(str(chosen[1])), y.index(str(chosen[0]))
+            for colour, width in (("black", 5), ("white", 2)):  # visible on dark and light cells alike
+                fig.add_shape(type="rect", x0=xi - 0.5, x1=xi + 0.5, y0=yi - 0.5, y1=yi + 0.5, row=1, col=col,
+                              line=dict(color=colour, width=width), fillcolor="rgba(0,0,0,0)")
         fig.update_xaxes(title_text="post-instruction offset", type="category", row=1, col=col)
     fig.update_yaxes(title_text="layer (resid_pre)", type="category", row=1, col=1)
-    fig.update_layout(title=title or "refusal direction candidates")
+    notes = []
+    if chosen is not None:
+        notes.append(f"framed: the chosen direction (layer {chosen[0]}, offset {chosen[1]})")
+    if dropped:
+        why = " (resid_pre of block 0 is the token embedding)" if dropped == [0] else ""
+        notes.append(f"layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}: no candidate{why}")
+    fig.update_layout(title=dict(text=(title or "refusal direction candidates")
+                                 + (f"<br><sup>{'; '.join(notes)}</sup>" if notes else "")),
+                      margin=dict(t=110), height=max(420, 70 * len(keep) + 220))
     return fig
 
 
@@ -44,6 +61,7 @@ def cosine_per_layer(cosines: dict[str, object], *, layers: Sequence[int], title
         fig.add_trace(go.Scatter(x=list(layers), y=_arr(values).tolist(), mode="lines+markers", name=name))
     fig.update_layout(title=title or "cosine of the base and instruct refusal directions", xaxis_title="layer",
                       yaxis_title="cosine", yaxis_range=[-1.05, 1.05])
+    layer_ticks(fig, list(layers))
     return fig
 
 
