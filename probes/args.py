@@ -17,6 +17,17 @@ from probes import provenance
 from probes.runs import Run, RunFolderError
 
 
+class Parser(argparse.ArgumentParser):
+    """An experiment's parser: a usage error is one line naming the command, with where to find its options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_pair: str = "toy") -> argparse.ArgumentParser:
     """Every experiment's flags: the pair, the run folder, the prompts (`add_prompt_args`), layers, positions,
     system prompt / raw mode, device, dtype, seed, batch size, offload, trust_remote_code, debug."""

@@ -13,6 +13,7 @@ from pathlib import Path
 # OpenMP threads otherwise spin-wait between the small kernels of CPU forward passes.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from probes.args import Parser  # noqa: E402
 from probes.experiments import EXPERIMENTS  # noqa: E402
 
 
@@ -64,8 +65,7 @@ def cmd_train_toy(rest: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="probes", description=__doc__, epilog=_listing(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="probes", description=__doc__, epilog=_listing())
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("pairs", help="list the registered base/instruct pairs")
@@ -98,8 +98,9 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     name = args.experiment
     if name is None or name in ("-h", "--help"):
-        print(f"usage: probes run NAME [options]\n\n{_listing()}")
-        return 0 if name else 2
+        asked = name is not None or bool({"-h", "--help"} & set(rest))
+        print(f"usage: probes run NAME [options]\n\n{_listing()}", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if name != "all" and name not in EXPERIMENTS:
         parser.exit(2, f"probes run: unknown experiment {name!r}\n\n{_listing()}\n")
     return cmd_run(name, rest)

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from probes.args import (add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for, open_run,
+from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for, open_run,
                          prompt_groups, reject, warn_unknown)
 from probes.compare import TokenKL, instruct_responses, mean_diff, per_token_kl
 from probes.plots import compare as P
@@ -23,8 +23,7 @@ from probes.runs import Run
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = add_common_args(argparse.ArgumentParser(prog=prog, description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = add_common_args(Parser(prog=prog, description=__doc__))
     p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
     p.add_argument("--response", default=None, help="one response for every prompt (default: instruct's greedy one)")
     p.add_argument("--max-new-tokens", type=int, default=12)

@@ -13,10 +13,11 @@ heatmap over post-instruction offsets, and for example prompts the layer x token
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 
-from probes.args import (add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for, open_run,
+from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for, open_run,
                          position_specs, prompt_groups, warn_unknown)
 from probes.lens import paired_lens
 from probes.plots import heatmap
@@ -27,8 +28,7 @@ LAST = "post_instruction[-1]"
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = add_common_args(argparse.ArgumentParser(prog=prog, description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = add_common_args(Parser(prog=prog, description=__doc__))
     p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
     p.add_argument("--targets", default="sorry,sure",
                    help="comma-separated words whose first token's rank and probability are tracked")
@@ -70,7 +70,7 @@ def first_tokens(tokenizer, words: str) -> tuple[list[int], list[str]]:
             except ValueError:  # <unk> with and without the leading space
                 found = []
             if not found:
-                print(f"target {w!r} is not in the vocabulary: skipped")
+                warnings.warn(f"target {w!r} is not in the vocabulary: skipped", stacklevel=2)
                 continue
             if found[0] not in ids:
                 ids.append(found[0])

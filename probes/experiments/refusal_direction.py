@@ -16,8 +16,8 @@ import torch
 
 from probes import refusal
 from probes.activations import record
-from probes.args import (add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for, open_run,
-                         refusal_sets, reject, warn_unknown)
+from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
+                         open_run, refusal_sets, reject, warn_unknown)
 from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosine, save_orthogonalized
 from probes.plots import refusal as figs
 from probes.prompts import default_sets
@@ -31,8 +31,7 @@ def _nan_none(t: torch.Tensor) -> list:
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = add_common_args(argparse.ArgumentParser(prog=prog, description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = add_common_args(Parser(prog=prog, description=__doc__))
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=32)
     p.add_argument("--n-test", type=int, default=None, help="default: the toy test split / the rest of the file")

@@ -15,8 +15,8 @@ import argparse
 import torch
 
 from probes import attention as A
-from probes.args import (add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for, open_run,
-                         position_specs, refusal_sets, reject, warn_unknown)
+from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
+                         open_run, position_specs, refusal_sets, reject, warn_unknown)
 from probes.plots import attention as P
 from probes.runs import Run
 
@@ -24,8 +24,7 @@ QUERY = "post_instruction[-1]"
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = add_common_args(argparse.ArgumentParser(prog=prog, description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = add_common_args(Parser(prog=prog, description=__doc__))
     p.add_argument("--top-k", type=int, default=5, help="heads to rank and patch")
     p.add_argument("--rank-region", default="post_instruction", choices=list(A.REGIONS),
                    help="key region whose harmful - harmless shift (instruct model) ranks the heads")
