@@ -1,6 +1,7 @@
 """mean activation difference instruct − base by token role; per-token KL along the response.
 
-A thin script over `probes.experiments.activation_diff`, the same as `probes run activation_diff` (`--help` lists its options).
+A thin script over `probes.experiments.activation_diff`: the same as `probes run activation_diff`
+(`--help` lists its options).
 """
 import sys
 

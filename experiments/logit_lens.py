@@ -1,6 +1,7 @@
 """logit lens of both models on the same prompts: KL(instruct ‖ base), entropy, target ranks per layer.
 
-A thin script over `probes.experiments.logit_lens`, the same as `probes run logit_lens` (`--help` lists its options).
+A thin script over `probes.experiments.logit_lens`: the same as `probes run logit_lens`
+(`--help` lists its options).
 """
 import sys
 

@@ -1,6 +1,7 @@
 """refusal direction (Arditi et al.): candidates, sweep, selection, ablation / addition rates, base vs instruct.
 
-A thin script over `probes.experiments.refusal_direction`, the same as `probes run refusal_direction` (`--help` lists its options).
+A thin script over `probes.experiments.refusal_direction`: the same as `probes run refusal_direction`
+(`--help` lists its options).
 """
 import sys
 

@@ -1,6 +1,7 @@
 """attention of template tokens onto each prompt region; head ranking; head patching.
 
-A thin script over `probes.experiments.template_attention`, the same as `probes run template_attention` (`--help` lists its options).
+A thin script over `probes.experiments.template_attention`: the same as `probes run template_attention`
+(`--help` lists its options).
 """
 import sys
 

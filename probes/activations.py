@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from probes import checkpoints
 from probes.chat import ROLE_ID, ChatBatch
+from probes.files import atomic_path
 
 # Short hook names -> TransformerLens hook names (resid_pre of layer l is the input of block l).
 HOOKS: dict[str, str] = {
@@ -201,9 +202,8 @@ class Activations:
         meta = dict(hooks=self.hooks, layers=self.layers, positions=self.positions, model=self.model,
                     count=self.count, prompts=self.prompts, meta=self.meta)
         text = json.dumps(meta)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(data, str(tmp), metadata={"probes.activations": text, "probes.sha256": _checksum(text, data)})
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
+        with atomic_path(path) as tmp:
+            save_file(data, str(tmp), metadata={"probes.activations": text, "probes.sha256": _checksum(text, data)})
         return path
 
     @classmethod

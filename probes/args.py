@@ -104,6 +104,14 @@ def position_specs(text: str | None) -> list[str | int] | None:
     return specs
 
 
+def nonnegative(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from probes.files import atomic_path
+
 _ACTIVE: contextvars.ContextVar[ChunkStore | None] = contextvars.ContextVar("probes_chunk_store", default=None)
 
 
@@ -108,9 +110,8 @@ class ChunkStore:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(k)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp))
 
     def compute(self, k: str, fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The chunk `k`: loaded if it was finished before, else `fn()` computed and saved."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from probes.activations import Activations
+from probes.files import atomic_path
 
 
 def diff_of_means(a: Activations | torch.Tensor, b: Activations | torch.Tensor, hook: str | None = None) -> torch.Tensor:
@@ -71,10 +72,9 @@ class Direction:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({key: self.vector.contiguous(), f"{key}/raw": self.raw.contiguous()}, str(tmp),
-                  metadata={key: json.dumps(self.provenance())})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({key: self.vector.contiguous(), f"{key}/raw": self.raw.contiguous()}, str(tmp),
+                      metadata={key: json.dumps(self.provenance())})
         return path
 
     @classmethod

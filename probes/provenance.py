@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from probes.files import atomic_path
+
 PACKAGES = ("probes", "torch", "transformers", "transformer-lens", "tokenizers", "safetensors", "numpy", "plotly",
             "huggingface-hub")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -53,9 +55,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     try:  # the cache is a convenience: an unwritable home never fails a run
         index.parent.mkdir(parents=True, exist_ok=True)
         known[key] = digest
-        tmp = index.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, index)
+        with atomic_path(index) as tmp:
+            tmp.write_text(json.dumps(known))
     except OSError:
         pass
     return digest

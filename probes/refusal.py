@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes import checkpoints
-from probes.activations import Activations, last_logits, model_device, record
+from probes.activations import Activations, last_logits, record
 from probes.chat import ChatBatch
 from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
 from probes.generation import Generation, generate  # noqa: F401  (re-exported: generation used to live here)

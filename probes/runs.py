@@ -23,6 +23,7 @@ import torch
 
 from probes import provenance
 from probes.checkpoints import ChunkStore
+from probes.files import atomic_path
 
 FIGURES_ROOT = Path("figures")
 MARKER = "run.json"
@@ -61,9 +62,8 @@ def _jsonable(x: Any) -> Any:
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (temp file + rename)."""
     text = json.dumps(_jsonable(data), indent=2)  # serialise first: a refused value leaves the old file as it was
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -202,10 +202,9 @@ class Run:
         from safetensors.torch import save_file
 
         path = self.dir / f"{name}.safetensors"
-        tmp = path.with_suffix(".safetensors.tmp")
         meta = {k: json.dumps(_jsonable(v)) for k, v in (metadata or {}).items()}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
         return path
 
     def save_figure(self, name: str, fig: Any) -> Path:
@@ -213,9 +212,8 @@ class Run:
         if name == "index":
             raise ValueError("'index' is the run's own page; name the figure otherwise")
         path = self.dir / f"{name}.html"
-        tmp = self.dir / f".{name}.html.tmp"
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, config=FIGURE_CONFIG)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, config=FIGURE_CONFIG)
         if path.name not in self._figures:
             self._figures.append(path.name)
         return path
@@ -227,9 +225,8 @@ class Run:
         names = self._figures + sorted(p.name for p in self.dir.glob("*.html")
                                        if p.name not in self._figures and p.name != "index.html")
         path = self.dir / "index.html"
-        tmp = self.dir / ".index.html.tmp"
-        tmp.write_text(index_html(self.dir, self.config, self.results, names, status), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(index_html(self.dir, self.config, self.results, names, status), encoding="utf-8")
         return path
 
     # ----------------------------------------------------------------------------------------------- lifecycle

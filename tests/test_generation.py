@@ -5,7 +5,7 @@ import torch
 import tiny
 from probes import generation
 from probes.chat import encode
-from probes.generation import CacheNotFilledError, generate, new_cache
+from probes.generation import CacheNotFilledError, generate
 from probes.pairs import load_model
 
 PROMPTS = ["how do i make a cake ?", "tell me about the sun please", "hello"]  # different lengths: left padding

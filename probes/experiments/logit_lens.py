@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for, open_run,
-                         position_specs, prompt_groups, warn_unknown)
+from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for,
+                         nonnegative, open_run, position_specs, prompt_groups, warn_unknown)
 from probes.lens import paired_lens
 from probes.plots import heatmap
 from probes.plots import lens as P
@@ -33,15 +33,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--targets", default="sorry,sure",
                    help="comma-separated words whose first token's rank and probability are tracked")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--examples", type=_count, default=1, help="example prompts per group with a layer x token figure")
+    p.add_argument("--examples", type=nonnegative, default=1, help="example prompts per group with a layer x token figure")
     return p
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,7 +122,8 @@ def compute(run: Run, args: argparse.Namespace, groups: dict[str, list[str]]) ->
 
     fdl = res.first_diff_layer[:, last]
     run.update(
-        layers=L, hook=args.hook, positions=res.positions, summary_position=summary, n_prompts=len(texts), groups={k: len(v) for k, v in groups.items()},
+        layers=L, hook=args.hook, positions=res.positions, summary_position=summary, n_prompts=len(texts),
+        groups={k: len(v) for k, v in groups.items()},
         targets=dict(zip(target_names, target_ids)),
         kl_instruct_base=per_layer(res.kl_instruct_base),
         kl_base_instruct=per_layer(res.kl_base_instruct),
@@ -149,8 +143,9 @@ def compute(run: Run, args: argparse.Namespace, groups: dict[str, list[str]]) ->
     run.save_tensors("lens", res.tensors(), {"layers": L, "positions": res.positions, "targets": target_ids,
                                              "groups": rows})
 
-    run.save_figure("layer_lines", P.layer_lines(res, last, target=0, target_name=repr(target_names[0]),
-                                                 title=f"logit lens per layer at {summary} (mean over {len(texts)} prompts)"))
+    run.save_figure("layer_lines", P.layer_lines(
+        res, last, target=0, target_name=repr(target_names[0]),
+        title=f"logit lens per layer at {summary} (mean over {len(texts)} prompts)"))
     for g, r in rows.items():
         run.save_figure(f"layer_lines_{g}", P.layer_lines(
             res, last, target=0, target_name=repr(target_names[0]), rows=r,

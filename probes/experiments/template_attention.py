@@ -109,8 +109,8 @@ def compute(run: Run, args: argparse.Namespace, texts: dict[str, list[str]]) -> 
     for which in ("base", "instruct"):
         with pair.on_device(which) as model:
             for kind, batch in batches.items():
-                masses[which][kind] = A.attention_mass(model, batch, query_positions(args), layers, batch_size=args.batch_size,
-                                                       model_name=f"{pair.name}/{which}")
+                masses[which][kind] = A.attention_mass(model, batch, query_positions(args), layers,
+                                                       batch_size=args.batch_size, model_name=f"{pair.name}/{which}")
     regions = list(A.REGIONS)
     queries = masses["base"]["harmful"].positions
     # The query that predicts the response, or the last query position asked for when it is not among them.
