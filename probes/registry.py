@@ -68,6 +68,6 @@ def table() -> list[dict[str, str]]:
     """The registry as rows of strings, for the CLI and the docs."""
     return [
         {"key": r.key, "family": r.family, "base": r.base, "instruct": r.instruct,
-         "params": f"{r.params:g}B", "notes": r.notes}
+         "params": f"{r.params:g}B" if r.params >= 0.01 else f"{r.params * 1000:.3g}M", "notes": r.notes}
         for r in _ROWS
     ]

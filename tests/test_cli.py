@@ -179,3 +179,20 @@ def test_thin_script_is_the_cli():
     res = subprocess.run([sys.executable, str(script), "--prompts", "nowhere.csv"], capture_output=True, text=True)
     assert res.returncode == 1 and "nowhere.csv: no such prompt file" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_toy_vocabulary_on_advbench_warns_with_the_fraction():
+    """The toy pair's word-level vocabulary covers its own corpus, not AdvBench: most tokens are <unk>."""
+    import real_tokenizers as rt
+
+    from probes.pairs import load_tokenizer, resolve_source
+    from probes.prompts import load_prompts
+
+    shared = rt.require_shared()
+    advbench = load_prompts(shared / "prompts" / "advbench" / "harmful_behaviors.csv")
+    tok = load_tokenizer(resolve_source("toy:instruct"))
+    ids = tok(advbench.instructions, add_special_tokens=False)["input_ids"]
+    expected = sum(t == tok.unk_token_id for x in ids for t in x) / sum(len(x) for x in ids)
+    with pytest.warns(UserWarning, match=rf"'advbench': {expected:.0%} of its tokens are the unknown token"):
+        out = warn_unknown(tok, {"advbench": advbench.instructions})
+    assert out["advbench"] == pytest.approx(expected) and 0.5 < expected < 0.7

@@ -72,9 +72,16 @@ def heatmap(
     fig = go.Figure(heatmap_trace(z, x=x, y=y, diverging=diverging, text=text, hover=hover, colorbar=colorbar,
                                   zmin=zmin, zmax=zmax))
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis)
-    if y is None:  # row indices are layers: whole-number ticks only
-        fig.update_yaxes(dtick=1)
+    _integer_ticks(fig, x, y, _arr(z).shape)
     return fig
+
+
+def _integer_ticks(fig: go.Figure, x: Sequence | None, y: Sequence | None, shape: tuple[int, ...]) -> None:
+    """Whole-number ticks on axes whose values are integers (layers, positions): never a tick at 0.5."""
+    for axis, values, n in (("x", x, shape[-1]), ("y", y, shape[0])):
+        vals = list(range(n)) if values is None else list(values)
+        if vals and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+            layer_ticks(fig, [int(v) for v in vals], axis=axis)
 
 
 def heatmap_trace(z, *, x=None, y=None, diverging=False, text=None, hover=None, colorbar="", zmin=None, zmax=None,
@@ -107,8 +114,7 @@ def side_by_side(zs: dict[str, object], *, x=None, y=None, title: str = "", dive
         fig.add_trace(heatmap_trace(a, x=x, y=y, diverging=diverging, zmin=lo, zmax=hi, colorbar=colorbar,
                                     showscale=i == len(arrays) - 1), row=1, col=i + 1)
         fig.update_xaxes(title_text=xaxis, row=1, col=i + 1)
-    if y is None:
-        fig.update_yaxes(dtick=1)
+    _integer_ticks(fig, x, y, next(iter(arrays.values())).shape)
     fig.update_yaxes(title_text=yaxis, row=1, col=1)
     fig.update_layout(title=title)
     return fig
