@@ -73,6 +73,8 @@ def prompt_splits(args: argparse.Namespace) -> dict[str, dict[str, list[str]]]:
             out[s] = {k: v[:n] for k, v in out[s].items()}
         if args.n_test is not None:
             out["test"] = {k: v[: args.n_test] for k, v in out["test"].items()}
+        if args.limit is not None:  # --limit caps every set of every split
+            out = {s: {k: v[: args.limit] for k, v in d.items()} for s, d in out.items()}
         return out
     from probes.prompts import builtin
 
