@@ -70,7 +70,8 @@ def compare_tokenizers(base_tok: Any, instruct_tok: Any) -> list[str]:
 
 
 def resolve_source(source: str | os.PathLike) -> str:
-    """A loadable path or hub id for `source`: the toy pair's folders, a local folder, or a hub id.
+    """A loadable path or hub id for `source`: the toy pair's folders, a local folder, a GGUF file or
+    `pkg:<module>[/<file>]` (converted once to a cached folder: `probes.gguf`), or a hub id.
 
     Hub ids are checked against the local cache when offline, with a plain error if absent.
     """
@@ -79,6 +80,13 @@ def resolve_source(source: str | os.PathLike) -> str:
         from probes import toy
 
         return str(toy.path() / src.split(":", 1)[1])
+    if src.startswith("pkg:") or Path(src).expanduser().is_file():
+        from probes import gguf
+
+        path = gguf.package_file(src) if src.startswith("pkg:") else Path(src).expanduser()
+        if not gguf.is_gguf_file(path):
+            raise FileNotFoundError(f"{src!r} is a file but not a GGUF file: give a model folder or a .gguf file")
+        return str(gguf.hf_folder(path))
     if Path(src).expanduser().is_dir():
         folder = Path(src).expanduser()
         if not (folder / "config.json").is_file():
@@ -93,6 +101,12 @@ def resolve_source(source: str | os.PathLike) -> str:
             f"network (`hf download {src}`) or pass a local folder"
         )
     return src
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two resolved sources are one model (the same folder, or the same hub id)."""
+    pa, pb = Path(a), Path(b)
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -352,11 +366,17 @@ def load_pair(
             )
     device = str(device or default_device()) if device_map is None else "auto"
     load_device = "cpu" if offload else (None if device_map is not None else device)
-    models = {
-        which: load_model(path, tokenizer=tokenizer, device=load_device, dtype=dtype, device_map=device_map,
-                          trust_remote_code=trust_remote_code, revision=revision)
-        for which, path in (("base", base_path), ("instruct", instruct_path))
-    }
+    common = dict(tokenizer=tokenizer, device=load_device, dtype=dtype, device_map=device_map,
+                  trust_remote_code=trust_remote_code, revision=revision)
+    if _same_source(base_path, instruct_path):
+        # One model in both roles (a smoke test, a single-model analysis): loaded once, never two copies.
+        warnings.warn(f"base and instruct are the same model ({base_src!r}): loaded once and used for both, so "
+                      "every base/instruct difference is zero", stacklevel=2)
+        shared = load_model(base_path, **common)
+        models = {"base": shared, "instruct": shared}
+    else:
+        models = {which: load_model(path, **common) for which, path in (("base", base_path),
+                                                                        ("instruct", instruct_path))}
     return ModelPair(
         base=models["base"], instruct=models["instruct"], tokenizer=tokenizer, name=name, device=device,
         dtype=dtype or torch.float32, offload=offload, base_tokenizer=base_tokenizer,

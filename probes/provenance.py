@@ -28,7 +28,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PROBES_CACHE", Path.home() / ".cache" / "probes"))
+    """The toolkit's cache (file hashes, converted GGUF models): `$PROBES_CACHE`, else `~/.cache/probes`."""
+    return Path(os.environ.get("PROBES_CACHE") or Path.home() / ".cache" / "probes").expanduser()
 
 
 def sha256_bytes(data: bytes | str) -> str:
