@@ -164,6 +164,24 @@ class ChatBatch:
         return torch.stack(out, dim=1), labels
 
 
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant message (`<|im_end|>` for ChatML,
+    `<end_of_turn>` for Gemma): where a chat model's answer ends, besides the tokenizer's EOS. Empty when the
+    tokenizer has no template, or the template ends a turn with ordinary text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    sentinel = "\u2063probes-end\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+    except Exception:  # noqa: BLE001 -- a template that cannot render this simply names no end token
+        return []
+    after = text.split(sentinel, 1)[1] if sentinel in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids)
+    return [int(ids[0])] if ids and ids[0] in special else []
+
+
 def check_position_spec(spec: str | int) -> None:
     """Raise ValueError unless `spec` is a position spec `ChatBatch.positions` or `record` can read (syntax and
     role only: whether every row has such a token is known once prompts are encoded). "all" is read by `record`."""

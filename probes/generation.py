@@ -84,7 +84,12 @@ class Generation:
 
 
 def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
+    """EOS of the tokenizer and of the generation config, and the chat template's end-of-turn token (Gemma's
+    `<end_of_turn>` is not its `<eos>`)."""
+    from probes.chat import end_of_turn_ids
+
     ids = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
+    ids |= set(end_of_turn_ids(tokenizer)) if tokenizer is not None else set()
     gen = getattr(_hf(model), "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()

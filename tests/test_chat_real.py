@@ -66,3 +66,16 @@ def test_llama_bos_is_first_and_single():
 def test_gemma_rejects_a_system_prompt_clearly():
     with pytest.raises(ValueError, match="System role not supported"):
         encode(rt.gemma2_template_tokenizer(), [QUESTION], system="Be brief.")
+
+
+@pytest.mark.parametrize("build,expected", [("gemma2_template_tokenizer", "<end_of_turn>"),
+                                            ("qwen25_instruct", "<|im_end|>"), ("llama32_instruct", "<|eot_id|>"),
+                                            ("smollm2_instruct", "<|im_end|>")])
+def test_end_of_turn_token_from_the_template(build, expected):
+    """Where an answer ends: Gemma's <end_of_turn> is not its <eos>, so generation must stop at it too."""
+    from probes.chat import end_of_turn_ids
+    from probes.generation import _stop_ids
+
+    tok = getattr(rt, build)()
+    assert tok.convert_ids_to_tokens(end_of_turn_ids(tok)) == [expected]
+    assert set(end_of_turn_ids(tok)) <= _stop_ids(tok, None)
