@@ -55,7 +55,12 @@ _ROWS: tuple[PairSpec, ...] = (
              "gated; sliding-window and global layers"),
     PairSpec("gemma-3-1b", "Gemma-3", "google/gemma-3-1b-pt", "google/gemma-3-1b-it", 1.0, "gated"),
     PairSpec("olmo-2-1b", "OLMo-2", "allenai/OLMo-2-0425-1B", "allenai/OLMo-2-0425-1B-Instruct", 1.5),
-    PairSpec("mistral-7b", "Mistral", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", 7.2),
+    PairSpec("mistral-7b", "Mistral", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", 7.2,
+             "[INST] template: no system role"),
+    PairSpec("falcon-7b", "Falcon", "tiiuae/falcon-7b", "tiiuae/falcon-7b-instruct", 7.2,
+             "multi-query, parallel attention and MLP"),
+    PairSpec("phi-3-mini", "Phi-3", "microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct", 3.8,
+             "instruct-only release: the model in both roles, for single-model analyses"),
 )
 
 REGISTRY: dict[str, PairSpec] = {row.key: row for row in _ROWS}

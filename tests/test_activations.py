@@ -193,3 +193,25 @@ def test_activations_repr_is_short(tiny_pair_dirs, tiny_tokenizer):
     acts = record(model, encode(tiny_tokenizer, PROMPTS), hooks="resid_post", progress=False)
     text = repr(acts)
     assert text.startswith("Activations(") and "prompts=3" in text and "[3, 3, 1, 64]" in text and len(text) < 300
+
+
+def test_falcon_residuals_equal_hf(tmp_path, tiny_tokenizer):
+    """Falcon (multi-query, parallel attention + MLP, as falcon-7b) through the bridge: resid_pre equals HF."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    hf = FalconForCausalLM(FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, multi_query=True, parallel_attn=True, bias=False,
+                                        new_decoder_architecture=False, bos_token_id=1, eos_token_id=2)).eval()
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    acts = record(model, batch, "resid_pre", positions="post_instruction", progress=False)
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = hf(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                    output_hidden_states=True).hidden_states
+    idx, _ = batch.positions("post_instruction")
+    for layer in range(2):
+        torch.testing.assert_close(acts.tensor[:, layer], gather(hidden[layer], idx), atol=1e-5, rtol=0)

@@ -79,3 +79,22 @@ def test_end_of_turn_token_from_the_template(build, expected):
     tok = getattr(rt, build)()
     assert tok.convert_ids_to_tokens(end_of_turn_ids(tok)) == [expected]
     assert set(end_of_turn_ids(tok)) <= _stop_ids(tok, None)
+
+
+def test_mistral_inst_template_on_a_stand_in_tokenizer():
+    """Mistral's `[INST] … [/INST]` template (no system role, no generation prompt) on the Llama-3.2 tokenizer as a
+    stand-in (the Mistral tokenizer is not available): the post-instruction tokens are exactly ` [/INST]`, the user
+    text is the instruction, and a system prompt is refused with the template's own reason."""
+    import copy
+
+    tok = copy.deepcopy(rt.llama32_instruct())
+    tok.chat_template = (rt.tokenizers_dir() / "Mistral-7B-Instruct-v0.1_chat_template" / "chat_template.jinja"
+                         ).read_text()
+    b = encode(tok, ["How do I bake bread?", "Name a colour."])
+    for row, text in enumerate(b.instructions):
+        toks, roles = b.tokens(row), b.row_roles(row)
+        assert "".join(t for t, r in zip(toks, roles) if r == "post_instruction") == " [/INST]"
+        assert "".join(t for t, r in zip(toks, roles) if r == "user").strip() == text
+        assert roles[0] == "bos" and roles.count("bos") == 1 and roles[-1] == "post_instruction"
+    with pytest.raises(ValueError, match="roles must alternate"):
+        encode(tok, ["hi"], system="be brief")
