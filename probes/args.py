@@ -54,6 +54,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_pair: str = "toy") 
                         help="token positions (ChatBatch.positions specs, comma-separated): post_instruction[-1], "
                              "post_instruction, user[0:3], last; default the experiment's own")
     parser.add_argument("--system", default=None, help="a system prompt for every prompt (chat template)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="the chat template to use (.jinja, or a tokenizer_config.json): for a model whose files "
+                             "carry none, such as a base model paired with itself")
     parser.add_argument("--raw", action="store_true",
                         help="no chat template: the prompts as plain text, as a base model sees them")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -198,7 +201,8 @@ def load_pair_for(run: Run, args: Any) -> Any:
 
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    common = dict(device=args.device, dtype=dtype, offload=args.offload, trust_remote_code=args.trust_remote_code)
+    common = dict(device=args.device, dtype=dtype, offload=args.offload, trust_remote_code=args.trust_remote_code,
+                  chat_template=args.chat_template)
     if args.base or args.instruct:
         pair = load_pair(args.base, args.instruct, **common)
     else:
@@ -351,6 +355,13 @@ def check_inputs(args: Any) -> dict[str, str]:
     from probes.pairs import config_fields, load_config, resolve_source
 
     sources = check_sources(args)
+    if args.chat_template is not None:
+        from probes.chat import read_chat_template
+
+        try:
+            read_chat_template(args.chat_template)
+        except ValueError as exc:
+            raise SystemExit(f"--chat-template: {exc}") from None
     check_positions(args)
     encode_kwargs(args)
     if args.layers is not None:

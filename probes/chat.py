@@ -7,6 +7,9 @@ up to where the response starts, e.g. ChatML's `<|im_end|>\\n<|im_start|>assista
 """
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -164,6 +167,28 @@ class ChatBatch:
         return torch.stack(out, dim=1), labels
 
 
+def read_chat_template(source: str | os.PathLike) -> str:
+    """A chat template from a `.jinja` file, a `tokenizer_config.json` (its `chat_template`; the first template
+    when it is a list of named ones), or the template text itself. Raises ValueError naming the file."""
+    text = str(source)
+    path = pathlib.Path(text).expanduser()
+    if "{%" in text or "{{" in text:
+        return text
+    if not path.is_file():
+        raise ValueError(f"{text}: no such chat template file (.jinja, or a tokenizer_config.json)")
+    if path.suffix.lower() == ".json":
+        try:
+            found = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: not a JSON object with a chat_template ({exc})") from None
+        if isinstance(found, list):  # [{"name": "default", "template": ...}, ...]
+            found = next((t.get("template") for t in found if t.get("name") == "default"), found[0].get("template"))
+        if not isinstance(found, str) or not found:
+            raise ValueError(f"{path}: no chat_template in it")
+        return found
+    return path.read_text(encoding="utf-8")
+
+
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """The special token(s) the chat template writes right after an assistant message (`<|im_end|>` for ChatML,
     `<end_of_turn>` for Gemma): where a chat model's answer ends, besides the tokenizer's EOS. Empty when the
@@ -178,8 +203,12 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
         return []
     after = text.split(sentinel, 1)[1] if sentinel in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    special = set(tokenizer.all_special_ids)
-    return [int(ids[0])] if ids and ids[0] in special else []
+    if not ids:
+        return []
+    # A special token, or a single-token marker such as <end_of_turn> (a GGUF's control tokens may come through
+    # the conversion without the special flag).
+    marker = re.fullmatch(r"<[^<>\s]+>", tokenizer.convert_ids_to_tokens(int(ids[0])) or "")
+    return [int(ids[0])] if ids[0] in set(tokenizer.all_special_ids) or marker else []
 
 
 def check_position_spec(spec: str | int) -> None:

@@ -333,12 +333,14 @@ def load_pair(
     trust_remote_code: bool = False,
     revision: str | None = None,
     name: str | None = None,
+    chat_template: str | os.PathLike | None = None,
 ) -> ModelPair:
     """Load a registered pair by key, or two hub ids / local folders, and check that they are a pair.
 
     The configs are compared before any weights load (architecture, layers, d_model, heads, vocabulary:
     `PairingError` names the field). A base tokenizer that differs from the instruct one in anything but
-    special tokens gives a warning: both models are fed the instruct tokenizer's ids.
+    special tokens gives a warning: both models are fed the instruct tokenizer's ids. `chat_template` (a `.jinja`
+    file, a tokenizer_config.json or the text) replaces the instruct tokenizer's template.
     """
     if instruct is None:
         spec = registry.get(str(name_or_base))
@@ -352,6 +354,10 @@ def load_pair(
         load_config(instruct_path, trust_remote_code=trust_remote_code, revision=revision),
     )
     tokenizer = load_tokenizer(instruct_path, trust_remote_code=trust_remote_code, revision=revision)
+    if chat_template is not None:  # e.g. a base model paired with itself: its files carry no template
+        from probes.chat import read_chat_template
+
+        tokenizer.chat_template = read_chat_template(chat_template)
     try:
         base_tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError):  # some base repos ship no tokenizer; the instruct one is used anyway

