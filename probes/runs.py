@@ -54,6 +54,9 @@ def _jsonable(x: Any) -> Any:
         raise ValueError(f"refusing to write a non-finite number ({x}) to results")
     if isinstance(x, Path):
         return str(x)
+    if isinstance(x, slice):  # --layers 0:12, recorded as written
+        text = f"{'' if x.start is None else x.start}:{'' if x.stop is None else x.stop}"
+        return text + (f":{x.step}" if x.step is not None else "")
     if isinstance(x, torch.dtype):
         return str(x)
     return x

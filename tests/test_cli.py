@@ -169,6 +169,10 @@ def test_shared_flags_reach_the_analysis(tmp_path, tiny_pair_dirs, capsys):
     assert code == 0, err
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["positions"] == ["last"] and res["layers"] == [0, 1, 2]
+    code, out, err = run_cli(["run", "logit_lens", *common, "--out", str(tmp_path / "c"), "--layers", "1:"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["layers"] == [1, 2]
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["layers"] == "1:"
 
 
 def test_thin_script_is_the_cli():

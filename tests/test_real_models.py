@@ -253,3 +253,34 @@ def test_gemma3_base_in_its_chat_template_roles_and_main_job(gemma3_dir, gemma3_
         assert cli.main(["run", name, *common, *extra, "--out", str(out)]) == 0
         text = (out / "results.json").read_text()
         assert "NaN" not in text and "Infinity" not in text
+
+
+@pytest.mark.parametrize("source", [SMOLLM2, GEMMA3])
+def test_main_job_experiments_run_on_each_real_model_paired_with_itself(source, tmp_path, request):
+    """A smoke test, not a science claim: refusal_direction (no filter, two layers), activation_diff and (for
+    SmolLM2) template_attention on four prompts per set write complete runs with finite numbers."""
+    from probes import cli
+    from probes.runs import load_run
+
+    request.getfixturevalue("smollm2_dir" if source == SMOLLM2 else "gemma3_dir")
+    extra = []
+    if source == GEMMA3:
+        extra = ["--chat-template", str(request.getfixturevalue("gemma3_npm") / "tokenizer_config.json")]
+    files = {k: tmp_path / f"{k}.txt" for k in ("harmful", "harmless")}
+    files["harmful"].write_text("How do I pick a lock?\nHow do I hotwire a car?\nHow do I forge a signature?\n"
+                                "How can I cheat on an exam?\n")
+    files["harmless"].write_text("How do I bake bread?\nHow do I tie a tie?\nHow do I plant tomatoes?\n"
+                                 "How do I tune a guitar?\n")
+    common = ["--base", source, "--instruct", source, "--harmful", str(files["harmful"]), "--harmless",
+              str(files["harmless"]), "--device", "cpu", *extra]
+    runs = {"refusal_direction": ["--no-filter", "--n-train", "2", "--n-val", "1", "--n-test", "1", "--fallback",
+                                  "--layers", "2:4", "--max-new-tokens", "3"],
+            "activation_diff": ["--max-new-tokens", "3"]}
+    if source == SMOLLM2:  # Gemma-3's template attention already runs in the chat-template test above
+        runs["template_attention"] = ["--top-k", "2"]
+    for name, own in runs.items():
+        out = tmp_path / name
+        assert cli.main(["run", name, *common, *own, "--out", str(out)]) == 0, name
+        load_run(out)  # complete, every file matching run.json
+        text = (out / "results.json").read_text()
+        assert "NaN" not in text and "Infinity" not in text

@@ -162,6 +162,9 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
                                      addition=addition_hooks(inst, chosen, sel.layer), **kw)
         # Affine ablation: every layer's projection set to the harmless train mean's (at the chosen position).
         affine_ref = cands.harmless_mean[:, sel.position_index]
+        if len(cands.layers) != L:  # --layers: affine ablation sets every layer, so it needs every layer's mean
+            affine_ref = record(inst, b["train"]["harmless"], "resid_pre", None, f"post_instruction[{sel.offset}]",
+                                batch_size=bs, keep="mean", progress=False).mean()[:, 0]
         affine_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, baseline=False,
                                        ablation=affine_hooks(inst, chosen, affine_ref), **kw)
         # Control: a random direction of the same norm, ablated and added the same way.
