@@ -112,7 +112,8 @@ class Run:
 
     Holds `config.json` (arguments, provenance: see `probes.provenance`), `results.json` (rewritten as results
     arrive), tensors as safetensors, figures as self-contained HTML (plotly.js inside: they open offline),
-    `index.html` (config, headline numbers, every figure) and `run.json` once complete. While running, `dir` is the partial folder; after `finish()`, the target.
+    `index.html` (config, headline numbers, every figure) and `run.json` once complete. While running, `dir` is
+    the partial folder; after `finish()`, the target.
 
     Use it as a context manager: a clean exit finishes the run, an exception (or SIGINT / SIGTERM) marks the partial
     folder interrupted and leaves the target as it was.
