@@ -393,11 +393,14 @@ def _unwrap(module: Any) -> Any:
 
 
 def save_orthogonalized(model: Any, direction: Direction | torch.Tensor, out: str | os.PathLike,
-                        tokenizer: Any = None) -> Path:
+                        tokenizer: Any = None, *, gguf: str | None = None) -> Path:
     """Orthogonalise a COPY of `model` (HF model or bridge) and `save_pretrained` it (plus `tokenizer`) to `out`.
 
     The folder loads in plain transformers (`AutoModelForCausalLM.from_pretrained(out)`), untied if it was tied.
     A bridge's HF model is copied and stripped of its wrappers first (memory: one extra copy of the weights).
+    gguf: also write `<out>.gguf` (beside the folder: transformers reading a GGUF from a folder that holds
+    tokenizer files loses its chat template) for llama.cpp / Ollama in this dtype ("f32", "f16", "q8_0"; see
+    `probes.gguf.write_gguf`, which raises GGUFError for architectures or tokenizers it cannot write).
     """
     import copy
 
@@ -408,4 +411,8 @@ def save_orthogonalized(model: Any, direction: Direction | torch.Tensor, out: st
     hf_model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if gguf is not None:
+        from probes.gguf import write_gguf
+
+        write_gguf(hf_model, tokenizer, out.with_name(out.name + ".gguf"), dtype=gguf)
     return out

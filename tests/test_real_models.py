@@ -81,6 +81,8 @@ def test_conversion_is_cached_and_keeps_the_template(smollm2_dir):
     assert str(gguf.hf_folder(marker["gguf"])) == smollm2_dir
     tok = load_tokenizer(smollm2_dir)
     assert "<|im_start|>" in tok.chat_template and "You are a helpful AI assistant named SmolLM" in tok.chat_template
+    # Plain float weights: no gguf quantization_config survives (it would make save_pretrained refuse the model).
+    assert "quantization_config" not in json.loads((gguf.Path(smollm2_dir) / "config.json").read_text())
 
 
 def test_not_a_gguf_file_is_a_clear_error(tmp_path):
@@ -278,9 +280,36 @@ def test_main_job_experiments_run_on_each_real_model_paired_with_itself(source, 
             "activation_diff": ["--max-new-tokens", "3"]}
     if source == SMOLLM2:  # Gemma-3's template attention already runs in the chat-template test above
         runs["template_attention"] = ["--top-k", "2"]
+    runs["refusal_direction"] += ["--gguf", "f32"]
+    if source == GEMMA3:  # a model paired with itself has no refusal to bypass: take any direction, to export it
+        runs["refusal_direction"] += ["--kl-max", "1e9"]
     for name, own in runs.items():
         out = tmp_path / name
         assert cli.main(["run", name, *common, *own, "--out", str(out)]) == 0, name
         load_run(out)  # complete, every file matching run.json
         text = (out / "results.json").read_text()
         assert "NaN" not in text and "Infinity" not in text
+    res = json.loads((tmp_path / "refusal_direction" / "results.json").read_text())
+    if source == GEMMA3:  # post-norms: no weight edit equals the ablation, so neither file is written
+        assert res["orthogonalized"].startswith("not written") and "orthogonalized_gguf" not in res
+    else:
+        _check_orthogonalized_gguf(tmp_path / "refusal_direction", request.getfixturevalue("smollm2"))
+
+
+def _check_orthogonalized_gguf(run, model):
+    """The run's orthogonalised GGUF, read back by transformers, gives the hook ablation's logits on the bridge."""
+    from transformers import AutoModelForCausalLM
+
+    from probes.chat import encode
+    from probes.directions import Direction, ablate
+
+    read = AutoModelForCausalLM.from_pretrained(run, gguf_file="orthogonalized.gguf", dtype=torch.float32).eval()
+    b = encode(model.tokenizer, PROMPTS)
+    direction = Direction.load(run / "directions.safetensors")
+    with ablate(model, direction):
+        hooked = _hf_forward(model.original_model, b).logits
+    got = _hf_forward(read, b).logits
+    m = b.attention_mask.bool()
+    plain = _hf_forward(model.original_model, b).logits
+    assert float((plain[m] - hooked[m]).abs().max()) > 1e-2
+    torch.testing.assert_close(got[m], hooked[m], atol=2e-4, rtol=0)

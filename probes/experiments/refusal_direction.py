@@ -56,6 +56,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--save-orthogonalized", action="store_true",
                    help="also write the instruct model with the chosen direction orthogonalised out of its weights "
                         "(<out>/orthogonalized, loads in plain transformers)")
+    p.add_argument("--gguf", choices=("f32", "f16", "q8_0"), default=None,
+                   help="also write the orthogonalised model as <out>/orthogonalized.gguf in this dtype, for "
+                        "llama.cpp and Ollama (implies --save-orthogonalized; Llama-family and Qwen2 models)")
     return p
 
 
@@ -216,12 +219,20 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
                                                    score_mean={k: {m: v["score_mean"] for m, v in inst_in_base[k].items()}
                                                                for k in ("harmful", "harmless")})))
 
-    if args.save_orthogonalized:
+    if args.save_orthogonalized or args.gguf:
+        from probes.gguf import GGUFError
+
+        out = run.path("orthogonalized")
         try:
-            folder = save_orthogonalized(pair.instruct, chosen, run.path("orthogonalized"), tokenizer=pair.tokenizer)
+            folder = save_orthogonalized(pair.instruct, chosen, out, tokenizer=pair.tokenizer, gguf=args.gguf)
             run.update(orthogonalized=folder.name)  # relative: the run folder moves into place when complete
+            if args.gguf:
+                run.update(orthogonalized_gguf=f"{folder.name}.gguf")
         except NotImplementedError as exc:  # post-norm architectures: only hook ablation is exact there
             run.update(orthogonalized=f"not written: {exc}")
+        except GGUFError as exc:  # the folder was written; the GGUF cannot hold this model or tokenizer
+            print(f"warning: GGUF not written: {exc}")
+            run.update(orthogonalized=out.name, orthogonalized_gguf=f"not written: {exc}")
     # `Direction.load(path)` reads "chosen", `Direction.load(path, key="base/chosen")` the base model's.
     meta = {"chosen": chosen.provenance(), "layers": cands.layers, "positions": cands.offsets, "pair": pair.name,
             "base/chosen": base_dir.provenance()}
