@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                          description=_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("experiment", nargs="?", metavar="NAME")
     sub.add_parser("train-toy", help="retrain the toy pair (probes train-toy --help)", add_help=False)
+    sub.add_parser("organism", help="build, train and evaluate the organism (probes organism --help)",
+                   add_help=False)
     gallery = sub.add_parser("gallery", help="screenshot every figure of run folders (headless Chromium) as PNG")
     gallery.add_argument("runs", nargs="+", help="run folders (or folders of run folders)")
     gallery.add_argument("--out", required=True, help="folder for the PNG files")
@@ -88,6 +90,10 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_pairs()
     if args.command == "train-toy":
         return cmd_train_toy(rest)
+    if args.command == "organism":
+        from probes import organism
+
+        return organism.main(rest)
     if args.command == "gallery":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

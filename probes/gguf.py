@@ -19,11 +19,10 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-from probes.files import atomic_path
+from probes.files import atomic_path, cached_folder
 from probes.provenance import cache_dir, file_sha256
 
 MAGIC = b"GGUF"
@@ -82,24 +81,8 @@ def hf_folder(gguf: str | os.PathLike) -> Path:
         raise GGUFError(f"{gguf}: not a GGUF file (it does not start with {MAGIC!r})")
     digest = file_sha256(src)
     folder = cache_dir() / "gguf" / f"{src.stem}-{digest[:16]}-v{FORMAT}"
-    if (folder / MARKER).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _convert(src, tmp)
-        with atomic_path(tmp / MARKER) as m:
-            m.write_text(json.dumps({"gguf": str(src), "sha256": digest, "size": src.stat().st_size,
-                                     "format": FORMAT}, indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process converted it first: theirs is as good
-            if not (folder / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return cached_folder(folder, MARKER, lambda tmp: _convert(src, tmp),
+                         {"gguf": str(src), "sha256": digest, "size": src.stat().st_size, "format": FORMAT})
 
 
 def _convert(src: Path, out: Path) -> None:

