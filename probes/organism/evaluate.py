@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from probes.files import atomic_path
 from probes.refusal import JUDGES, judge
 
-HARMFUL_SETS = ("jbb_harmful", "harmful_test")
+EXAMPLE_SETS = ("jbb_harmful", "jbb_benign")  # six examples of each model on each
 
 
 def generate(model: Any, tokenizer: Any, instructions: Sequence[str], *, max_new_tokens: int = 64,
@@ -71,11 +71,9 @@ def evaluate(models: dict[str, Any], tokenizer: Any, sets: dict[str, list[str]],
                      for name, texts in by_set.items()}
              for which, by_set in responses.items()}
     report = {"refusal_rate": table, "max_new_tokens": max_new_tokens, "seconds": seconds,
-              "examples": {which: {name: [{"instruction": p, "response": r}
-                                          for p, r in list(zip(sets[name], by_set[name]))[:3]]
-                                   for name, by_set in ((n, b) for n, b in responses[which].items()
-                                                        if n in ("jbb_harmful", "jbb_benign"))}
-                           for which in responses}}
+              "examples": {which: {name: [{"instruction": p, "response": r} for p, r in zip(sets[name], texts)][:6]
+                                   for name, texts in by_set.items() if name in EXAMPLE_SETS}
+                           for which, by_set in responses.items()}}
     with atomic_path(out / "eval.json") as p:
         p.write_text(json.dumps(report, ensure_ascii=False, indent=1))
     return report
