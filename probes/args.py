@@ -28,12 +28,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
+class _BothRoles(argparse.Action):
+    """--model X: the same source as --base and --instruct (load_pair loads it once)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        namespace.model = namespace.base = namespace.instruct = values
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_pair: str = "toy") -> argparse.ArgumentParser:
     """Every experiment's flags: the pair, the run folder, the prompts (`add_prompt_args`), layers, positions,
     system prompt / raw mode, device, dtype, seed, batch size, offload, trust_remote_code, debug."""
     parser.add_argument("--pair", default=default_pair, help="registry key (see `probes pairs`)")
     parser.add_argument("--base", default=None, help="base model hub id or folder (with --instruct, instead of --pair)")
     parser.add_argument("--instruct", default=None, help="instruct model hub id or folder")
+    parser.add_argument("--model", default=None, action=_BothRoles,
+                        help="one model (hub id, folder, GGUF) in both roles, loaded once: single-model analyses of "
+                             "an instruct-only release; every base/instruct difference is then zero")
     parser.add_argument("--out", default=None, help="run folder (default figures/<experiment>/<pair>)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true",
@@ -147,6 +157,8 @@ def check_sources(args: Any) -> dict[str, str]:
     from probes import registry
     from probes.pairs import ModelNotAvailableError, resolve_source
 
+    if getattr(args, "model", None) and not (args.base == args.instruct == args.model):
+        raise SystemExit("--model names one model for both roles: not with --base or --instruct")
     if args.base or args.instruct:
         if not (args.base and args.instruct):
             raise SystemExit("--base and --instruct go together")

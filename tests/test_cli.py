@@ -72,6 +72,8 @@ def test_layer_and_limit_flags_are_validated():
         with pytest.raises(argparse.ArgumentTypeError):
             layer_spec(bad)
     p = experiments.load("logit_lens").parser()
+    args = p.parse_args(["--model", "some/model"])  # one model in both roles
+    assert args.base == args.instruct == args.model == "some/model"
     with pytest.raises(SystemExit):
         p.parse_args(["--limit", "-1"])
     with pytest.raises(SystemExit):
@@ -90,6 +92,7 @@ def test_layer_and_limit_flags_are_validated():
     (["run", "logit_lens", "--harmful", "a.csv"], "--harmful and --harmless go together"),
     (["run", "logit_lens", "--raw", "--system", "be brief"], "--system needs the chat template"),
     (["run", "logit_lens", "--pair", "nope"], "nope"),
+    (["run", "logit_lens", "--model", "toy:instruct", "--base", "toy:base"], "--model names one model"),
     # `all` checks every experiment's inputs before the first one runs.
     (["run", "all", "--raw"], "refusal_direction: --raw does not apply"),
     (["run", "all", "--positions", "last"], "refusal_direction: --positions does not apply"),

@@ -187,12 +187,13 @@ def test_same_source_twice_loads_one_model(smollm2_dir):
 
 
 def test_experiment_runs_on_smollm2_paired_with_itself(smollm2_dir, tmp_path):
-    """A smoke test, not a science claim: the logit lens on the real model writes finite results."""
+    """A smoke test, not a science claim: the logit lens on the real model (`--model`: one model in both roles)
+    writes finite results."""
     from probes import cli
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
-    code = cli.main(["run", "logit_lens", "--base", SMOLLM2, "--instruct", SMOLLM2, "--prompts", str(prompts),
+    code = cli.main(["run", "logit_lens", "--model", SMOLLM2, "--prompts", str(prompts),
                      "--device", "cpu", "--out", str(tmp_path / "run"), "--examples", "0"])
     assert code == 0
     res = json.loads((tmp_path / "run" / "results.json").read_text())
