@@ -105,7 +105,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         for ex in kept + refusals:
             f.write(json.dumps(ex.as_json(), ensure_ascii=False) + "\n")
     summary = {"harmless": len(kept), "harmless_dropped": dropped, "harmful": len(refusals),
-               "responder": args.responder, "cpu_s": time.process_time() - t0}
+               "responder": args.responder,
+               # responses already in responses.jsonl are not generated again: this is this call's time only
+               "cpu_s_this_call": time.process_time() - t0}
     (work / "data.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
