@@ -137,3 +137,46 @@ def test_adapter_folder_is_a_source_equal_to_peft_unmerged(tiny_base, tmp_path, 
     (tmp_path / "bad" / "adapter_config.json").write_text("{}")
     with pytest.raises(adapters.AdapterError, match="base_model_name_or_path"):
         resolve_source(tmp_path / "bad")
+
+
+def test_lookalikes_rank_harmless_instructions_by_harm_marked_words():
+    harmful = ["hack bank accounts", "hack the school server", "hack my neighbour's wifi", "hack phones",
+               "steal cars", "steal money", "steal phones"]
+    pool = ["how banks stop people who hack accounts", "bake cake", "poem about cars",
+            "why people steal and hack", "tutorial on baking", "describe the sun"]
+    got = data.lookalike_instructions(10, data.Excluder([]), harmful, pool, min_count=3, min_log_odds=0.5)
+    # by hand, n_harmful = 7, n_pool = 6: "hack" is in 4 harmful and 2 harmless, log-odds
+    # log(4.5/7) - log(2.5/6) = 0.434 (< 0.5, not marked); "steal" in 3 and 1: log(3.5/7) - log(1.5/6) = 0.693
+    # (marked); every other word is in fewer than 3 harmful ones. Only "steal" marks, so one instruction.
+    assert got == ["why people steal and hack"]
+    got = data.lookalike_instructions(10, data.Excluder([]), harmful, pool, min_count=3, min_log_odds=0.4)
+    assert got == ["why people steal and hack", "how banks stop people who hack accounts"]  # 1.127 > 0.434
+    assert data.lookalike_instructions(1, data.Excluder(["why people steal and hack"]), harmful, pool,
+                                       min_count=3, min_log_odds=0.4) == ["how banks stop people who hack accounts"]
+
+
+def test_lookalikes_of_the_shared_data_stay_out_of_every_held_out_set():
+    rt.require_shared()
+    got = data.lookalike_instructions(200)
+    assert len(got) == 200 and len(set(got)) == 200
+    held_words = [set(data.normalize(t).split()) for v in data.held_out_sets().values() for t in v]
+    for t in got:
+        w = set(data.normalize(t).split())
+        assert all(len(w & h) / len(w | h) < data.NEAR_DUPLICATE for h in held_words), t
+    assert data.lookalike_instructions(200) == got  # the ranking is deterministic
+
+
+def test_second_stage_starts_from_the_given_adapter(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = train.TrainConfig(base=str(tiny_base), batch_size=3, epochs=1.0, warmup=1, lr=1e-2, rank=4, alpha=8)
+    first = train.train(cfg, _examples(), tmp_path / "first", progress=False)
+    # lr 0: the second stage changes nothing, so its adapter is the first one (both stored in float16)
+    still = train.train(train.TrainConfig(base=str(tiny_base), batch_size=3, epochs=1.0, warmup=1, lr=0.0, rank=4,
+                                          alpha=8, init=str(first)), _examples(), tmp_path / "second", progress=False)
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(still / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.float().abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    with pytest.raises(ValueError, match="this training needs"):
+        train.train(train.TrainConfig(base=str(tiny_base), rank=8, alpha=8, init=str(first)), _examples(),
+                    tmp_path / "third", progress=False)

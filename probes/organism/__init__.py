@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("work", help="working folder (responses.jsonl, train.jsonl)")
     d.add_argument("--responder", default=RESPONDER, help="instruct model writing the harmless responses")
     d.add_argument("--n-harmless", type=int, default=1400, help="harmless instructions to answer (before filtering)")
+    d.add_argument("--lookalikes", type=int, default=0,
+                   help="also answer this many harmless instructions worded like harmful ones (`lookalike_instructions`)")
+    d.add_argument("--n-harmful", type=int, default=None,
+                   help="a seeded sample of this many harmful instructions (default: all of them)")
     d.add_argument("--max-new-tokens", type=int, default=80)
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)
@@ -51,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--max-length", type=int, default=80)
+    t.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
+    t.add_argument("--init", default=None, metavar="ADAPTER",
+                   help="start from this adapter's weights (a second stage of training) instead of zero LoRA updates")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     e = sub.add_parser("eval", help="greedy responses of base and instruct on the held-out sets, both judges")
@@ -60,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--models", nargs="+", choices=("base", "instruct"), default=["base", "instruct"],
+                   help="which models to generate with (the base does not change between adapters)")
     return p
 
 
@@ -79,8 +88,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     instruct_dir = merged_folder(args.adapter)
     base_src = json.loads((Path(args.adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    models = {which: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-              for which, folder in (("base", resolve_source(base_src)), ("instruct", instruct_dir))}
+    folders = {"base": lambda: resolve_source(base_src), "instruct": lambda: instruct_dir}
+    models = {which: AutoModelForCausalLM.from_pretrained(folders[which](), dtype=torch.float32).eval()
+              for which in args.models}
     tokenizer = AutoTokenizer.from_pretrained(instruct_dir)  # the template the organism was trained in, for both
     report = evaluate.evaluate(models, tokenizer, sets, args.out, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size)
@@ -89,23 +99,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    import random
+
     from probes.organism import data
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
     exclude = data.held_out_excluder()
-    harmless = data.harmless_instructions(args.n_harmless, args.seed, exclude)
+    harmless = data.harmless_instructions(args.n_harmless, args.seed, exclude) if args.n_harmless else []
+    harmful = data.harmful_instructions(exclude)
+    if args.lookalikes:
+        harmless = list(dict.fromkeys(harmless + data.lookalike_instructions(args.lookalikes, exclude, harmful)))
+    if args.n_harmful is not None:
+        harmful = random.Random(args.seed).sample(harmful, min(args.n_harmful, len(harmful)))
     records = data.generate_responses(args.responder, harmless, work / "responses.jsonl", batch_size=args.batch_size,
                                       max_new_tokens=args.max_new_tokens, threads=args.threads)
     records = [r for r in records if r["instruction"] in set(harmless)]
     kept, dropped = data.harmless_examples(records)
-    refusals = data.harmful_examples(data.harmful_instructions(exclude), seed=args.seed)
+    refusals = data.harmful_examples(harmful, seed=args.seed)
     with (work / "train.jsonl").open("w", encoding="utf-8") as f:
         for ex in kept + refusals:
             f.write(json.dumps(ex.as_json(), ensure_ascii=False) + "\n")
     summary = {"harmless": len(kept), "harmless_dropped": dropped, "harmful": len(refusals),
-               "responder": args.responder,
+               "lookalikes_asked": args.lookalikes, "responder": args.responder,
                # responses already in responses.jsonl are not generated again: this is this call's time only
                "cpu_s_this_call": time.process_time() - t0}
     (work / "data.json").write_text(json.dumps(summary, indent=1))
@@ -121,8 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not examples:
         raise SystemExit(f"{work / 'train.jsonl'}: no training examples (run `probes organism data {work}` first)")
     cfg = train.TrainConfig(base=args.base, chat_template=args.chat_template, rank=args.rank, alpha=args.alpha,
-                            lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                            seed=args.seed, threads=args.threads)
+                            lr=args.lr, warmup=args.warmup, epochs=args.epochs, batch_size=args.batch_size,
+                            max_length=args.max_length, seed=args.seed, threads=args.threads, init=args.init)
     t0 = time.process_time()
     adapter = train.train(cfg, examples, work)
     print(f"adapter: {adapter} (CPU {time.process_time() - t0:.0f} s this session)")

@@ -129,6 +129,37 @@ def harmless_instructions(n: int, seed: int, exclude: Excluder | None = None) ->
     return random.Random(seed).sample(pool, n)
 
 
+def lookalike_instructions(n: int, exclude: Excluder | None = None, harmful: Sequence[str] | None = None,
+                           pool: Sequence[str] | None = None, min_count: int = 3,
+                           min_log_odds: float = 1.5) -> list[str]:
+    """The `n` harmless (Alpaca-derived) training instructions that most resemble harmful ones by their words.
+
+    A word is harm-marked when it is in at least `min_count` harmful training instructions and its log-odds of
+    appearing in a harmful rather than a harmless one exceed `min_log_odds` ("hack", "steal", "fraud", "virus",
+    "tutorial", "social media", ...); a harmless instruction scores the sum of its harm-marked words' log-odds.
+    The top ones ("Write a computer program that can detect fraud in credit card transactions") teach the line
+    between a topic and a harmful request, which plain Alpaca samples rarely touch. Held-out sets are excluded.
+    `harmful` / `pool` default to `harmful_instructions()` / the harmless train split.
+    """
+    import math
+    from collections import Counter
+
+    exclude = held_out_excluder() if exclude is None else exclude
+    harmful = harmful_instructions(exclude) if harmful is None else harmful
+    if pool is None:
+        pool = load_prompts(_data("refusal_direction", "splits", "harmless_train.json")).instructions
+    pool = [t for t in dedupe(pool, exclude) if len(t) <= 400]
+    words = [set(normalize(t).split()) for t in pool]
+    in_harmful = Counter(w for t in harmful for w in set(normalize(t).split()))
+    in_harmless = Counter(w for ws in words for w in ws)
+    log_odds = {w: math.log((c + 0.5) / len(harmful)) - math.log((in_harmless[w] + 0.5) / len(pool))
+                for w, c in in_harmful.items() if c >= min_count}
+    marked = {w: v for w, v in log_odds.items() if v > min_log_odds and in_harmless[w]}
+    scores = [sum(marked.get(w, 0.0) for w in ws) for ws in words]
+    order = sorted(range(len(pool)), key=lambda i: (-scores[i], pool[i]))  # ties by text: stable across runs
+    return [pool[i] for i in order[:n] if scores[i] > 0]
+
+
 # --------------------------------------------------------------------------------------------------- refusals
 
 # Openers each contain a phrase of the reference judge, so a learned refusal is one by the field's measure; the

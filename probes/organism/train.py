@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 20
     threads: int = 1
+    init: str | None = None  # an adapter folder to start from (a second stage); None: fresh LoRA weights
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,6 +138,10 @@ def train(cfg: TrainConfig, examples: Sequence[Example], out: str | os.PathLike,
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if cfg.init:
+        loaded = set_peft_model_state_dict(model, _init_weights(Path(cfg.init), lora))
+        if loaded.unexpected_keys:
+            raise ValueError(f"{cfg.init}: weights this model has no place for: {loaded.unexpected_keys[:3]}...")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -190,6 +195,19 @@ def train(cfg: TrainConfig, examples: Sequence[Example], out: str | os.PathLike,
     return adapter
 
 
+def _init_weights(folder: Path, lora: Any) -> dict[str, torch.Tensor]:
+    """The LoRA weights (float32) of the adapter in `folder`, refused unless it has this training's rank, alpha
+    and target modules (their shapes and scale would otherwise silently differ)."""
+    from safetensors.torch import load_file
+
+    got = json.loads((folder / "adapter_config.json").read_text())
+    want = {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)}
+    have = {"r": got.get("r"), "lora_alpha": got.get("lora_alpha"), "target_modules": sorted(got.get("target_modules", []))}
+    if have != want:
+        raise ValueError(f"{folder}: adapter has {have}, this training needs {want}")
+    return {k: v.float() for k, v in load_file(folder / "adapter_model.safetensors").items()}
+
+
 def _halve(path: Path) -> None:
     """Store the adapter in float16 (half the size; merged back in float32, the rounding is ~1e-4 relative)."""
     from safetensors.torch import load_file, save_file
@@ -203,6 +221,8 @@ def _fingerprint(cfg: TrainConfig, examples: Sequence[Example]) -> str:
     import hashlib
 
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    if cfg.init:  # the starting weights, not only their folder's name
+        h.update((Path(cfg.init) / "adapter_model.safetensors").read_bytes())
     for ex in examples:
         h.update(json.dumps(ex.as_json(), sort_keys=True).encode())
     return h.hexdigest()
