@@ -251,6 +251,18 @@ def affine_hooks(model: Any, direction: Direction | torch.Tensor, reference: flo
     return [(f"blocks.{layer}.hook_resid_pre", make(float(c))) for layer, c in zip(layers, ref.tolist())]
 
 
+def recorded_ablation_hooks(model: Any, direction: Direction) -> list[Hook]:
+    """The ablation a saved direction was chosen under (`direction.data["ablation"]`, written by the refusal
+    experiment): directional (the default, also for directions saved without it) or affine, with the layers and
+    reference projections it was selected with."""
+    spec = direction.data.get("ablation") or {"method": "directional"}
+    if spec.get("method") == "directional":
+        return ablation_hooks(model, direction)
+    if spec.get("method") == "affine":
+        return affine_hooks(model, direction, spec["reference"], spec["layers"])
+    raise ValueError(f"direction has an unknown ablation method {spec.get('method')!r}")
+
+
 @contextlib.contextmanager
 def intervene(model: Any, hooks: Sequence[Hook]) -> Iterator[Any]:
     """Run `model` with the hook list active (an empty list is a no-op)."""

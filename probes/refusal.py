@@ -19,6 +19,7 @@ Interventions themselves (ablation, addition, affine ablation, weight orthogonal
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from probes import checkpoints
 from probes.activations import Activations, last_logits, record
 from probes.chat import ChatBatch
-from probes.directions import Direction, ablation_hooks, addition_hooks, diff_of_means
+from probes.directions import Direction, ablation_hooks, addition_hooks, affine_hooks, diff_of_means, unit
 from probes.generation import Generation, generate  # noqa: F401  (re-exported: generation used to live here)
 from probes.lens import kl
 
@@ -50,6 +51,7 @@ EXTENDED_JUDGE_PHRASES: tuple[str, ...] = REFERENCE_JUDGE_PHRASES + ("sorry", "c
 JUDGE_PHRASES = REFERENCE_JUDGE_PHRASES  # the default judge's phrases (kept under its old name)
 JUDGES: dict[str, tuple[str, ...]] = {"reference": REFERENCE_JUDGE_PHRASES, "extended": EXTENDED_JUDGE_PHRASES}
 CUTOFFS = ("reference", "fractional")
+ABLATIONS = ("directional", "affine")
 
 Hooks = Sequence[tuple[str, Any]]
 
@@ -215,6 +217,7 @@ class Candidates:
     offsets: list[int]
     model: str = ""
     counts: dict[str, int] = field(default_factory=dict)
+    masked: dict[int, list[int]] = field(default_factory=dict)  # layer -> dims zeroed by `mask_massive`
 
     def position_index(self, offset: int) -> int:
         if offset not in self.offsets:
@@ -226,8 +229,52 @@ class Candidates:
         li = self.layers.index(layer) if layer in self.layers else None
         if li is None:
             raise ValueError(f"no candidate at layer {layer} (layers {self.layers})")
+        data: dict[str, Any] = dict(self.counts)
+        if layer in self.masked:
+            data["masked_dims"] = self.masked[layer]
         return Direction.from_raw(self.diff[li, self.position_index(offset)], model=self.model, hook="resid_pre",
-                                  layer=layer, position=f"post_instruction[{offset}]", data=dict(self.counts))
+                                  layer=layer, position=f"post_instruction[{offset}]", data=data)
+
+    def mask_massive(self, factor: float = 20.0) -> Candidates:
+        """The candidates with massive-activation dimensions zeroed (Sun et al. 2024, "Massive activations").
+
+        At each layer, a dimension is massive when the harmless mean's magnitude there, at any post-instruction
+        position, exceeds `factor` x that position's median magnitude. Such dimensions (Gemma-3-270M: 163, 87,
+        400, with means in the thousands where the median is under 100) hold most of every token's norm, which
+        the next RMSNorm divides out; the harmful - harmless difference along them is a difference of scale. Left
+        in, they dominate the difference of means, and ablating it rescales every token (harmless KL of several
+        nats). A departure from Arditi et al., who use the raw difference; `masked` records the dimensions.
+        """
+        mag = self.harmless_mean.abs()  # [layer, position, d_model]
+        massive = (mag > factor * mag.median(dim=-1, keepdim=True).values).any(dim=1)  # [layer, d_model]
+        diff = self.diff.masked_fill(massive[:, None, :], 0.0)
+        masked = {layer: massive[i].nonzero().flatten().tolist() for i, layer in enumerate(self.layers)}
+        return dataclasses.replace(self, diff=diff, masked={k: v for k, v in masked.items() if v})
+
+    def ablation(self, model: Any, layer: int, offset: int, method: str = "directional",
+                 direction: Direction | torch.Tensor | None = None) -> list[tuple[str, Any]]:
+        """The hooks that ablate the candidate at (`layer`, `offset`), or `direction`, from `model`.
+
+        directional: Arditi et al., the component along r̂ removed from every residual write (`ablation_hooks`).
+        affine: Marshall et al.'s affine edit at `resid_pre` of `layer` and every later layer among `self.layers`,
+        the projection on r̂ set to the harmless mean's at that layer and position, not to zero (`affine_hooks`).
+        Earlier layers are left alone: the direction is read from `layer`'s residual, and the harmless mean is the
+        reference only where it is defined. With `direction`, `model`'s own harmless means (those of these
+        candidates) give the reference: transfer between models uses the target's candidates.
+        """
+        if method not in ABLATIONS:
+            raise ValueError(f"unknown ablation {method!r}: one of {ABLATIONS}")
+        li, pi = self.layers.index(layer), self.position_index(offset)
+        r = self.diff[li, pi] if direction is None else direction
+        if method == "directional":
+            return ablation_hooks(model, r)
+        return affine_hooks(model, r, self.harmless_mean[li:, pi], self.layers[li:])
+
+    def affine_reference(self, layer: int, offset: int, direction: Direction | torch.Tensor) -> dict[str, list]:
+        """The layers and reference projections affine ablation of `direction` from `layer` uses (to save with it)."""
+        li, pi = self.layers.index(layer), self.position_index(offset)
+        r_hat = unit(direction)
+        return {"layers": self.layers[li:], "reference": (self.harmless_mean[li:, pi] @ r_hat).tolist()}
 
 
 def candidates(model: Any, harmful: ChatBatch, harmless: ChatBatch, *, layers: Sequence[int] | None = None,
@@ -268,8 +315,11 @@ class Sweep:
 
 
 def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: ChatBatch, token_ids: Sequence[int],
-          *, batch_size: int = 16, progress: bool = True) -> Sweep:
-    """Score every candidate (three forward passes each on the val sets)."""
+          *, batch_size: int = 16, progress: bool = True, ablation: str = "directional") -> Sweep:
+    """Score every candidate (three forward passes each on the val sets); bypass and KL under `ablation`
+    (`Candidates.ablation`: "directional", Arditi et al.'s, or "affine")."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}: one of {ABLATIONS}")
     if len(harmful_val) == 0 or len(harmless_val) == 0:
         raise ValueError("the sweep needs non-empty harmful and harmless validation sets")
     base_harmless = last_logits(model, harmless_val, batch_size=batch_size)
@@ -283,8 +333,9 @@ def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: C
         if not bool(torch.isfinite(raw).all()) or float(raw.norm()) == 0:
             continue  # a zero difference is no direction: leave its scores NaN (never selected)
 
-        def score(raw: torch.Tensor = raw, layer: int = cands.layers[li]) -> dict[str, torch.Tensor]:
-            abl = ablation_hooks(model, raw)
+        def score(raw: torch.Tensor = raw, layer: int = cands.layers[li], offset: int = cands.offsets[pi]
+                  ) -> dict[str, torch.Tensor]:
+            abl = cands.ablation(model, layer, offset, ablation)
             ablated = last_logits(model, harmless_val, abl, batch_size=batch_size)
             add = addition_hooks(model, raw, layer)
             return {"bypass": score_prompts(model, harmful_val, token_ids, abl, batch_size=batch_size).mean(),
@@ -292,9 +343,12 @@ def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: C
                     "induce": score_prompts(model, harmless_val, token_ids, add, batch_size=batch_size).mean()}
 
         # A scored candidate is kept in the active run's store, so an interrupted sweep resumes after it.
-        got = checkpoints.chunk("sweep", model, dict(layer=cands.layers[li], tokens=list(token_ids)),
-                                [raw, harmful_val.input_ids, harmful_val.attention_mask, harmless_val.input_ids,
-                                 harmless_val.attention_mask], score)
+        key, inputs = dict(layer=cands.layers[li], tokens=list(token_ids)), [raw]
+        if ablation != "directional":  # keys of directional sweeps stay as they were: their stores still resume
+            key["ablation"], inputs = ablation, [raw, cands.harmless_mean[li:, pi]]
+        got = checkpoints.chunk("sweep", model, key,
+                                inputs + [harmful_val.input_ids, harmful_val.attention_mask, harmless_val.input_ids,
+                                          harmless_val.attention_mask], score)
         bypass[li, pi], kl[li, pi], induce[li, pi] = got["bypass"], got["kl"], got["induce"]
     return Sweep(bypass, induce, kl, list(cands.layers), list(cands.offsets), baseline_harmful, baseline_harmless)
 

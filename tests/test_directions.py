@@ -254,6 +254,27 @@ def test_affine_ablation_sets_projection_and_equals_hf(tiny_pair_dirs, tiny_toke
         torch.testing.assert_close(zero[m], hf_logits(hf, batch)[m], atol=1e-4, rtol=0)
 
 
+def test_saved_direction_carries_the_ablation_it_was_chosen_under(tiny_pair_dirs, tiny_tokenizer, tmp_path):
+    from probes.directions import recorded_ablation_hooks
+
+    model = load_model(tiny_pair_dirs["llama"][1], device="cpu")
+    batch = encode(tiny_tokenizer, PROMPTS)
+    raw = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    plain = Direction.from_raw(raw, layer=1)
+    affine = Direction.from_raw(raw, layer=1, data={"ablation": {"method": "affine", "layers": [1, 2],
+                                                                 "reference": [0.5, -2.0]}})
+    affine = Direction.load(affine.save(tmp_path / "d.safetensors"))  # the spec survives the file
+    m = real(batch)
+    for d, hooks in ((plain, ablation_hooks(model, raw)), (affine, affine_hooks(model, raw, [0.5, -2.0], [1, 2]))):
+        with model.hooks(fwd_hooks=recorded_ablation_hooks(model, d)):
+            got = bridge_logits(model, batch)
+        with model.hooks(fwd_hooks=hooks):
+            want = bridge_logits(model, batch)
+        torch.testing.assert_close(got[m], want[m], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="unknown ablation method"):
+        recorded_ablation_hooks(model, Direction.from_raw(raw, data={"ablation": {"method": "mean"}}))
+
+
 def test_intervention_input_errors(tiny_pair_dirs):
     model = load_model(tiny_pair_dirs["llama"][0], device="cpu")
     d = model.cfg.d_model

@@ -203,6 +203,56 @@ def test_sweep_cell_equals_hf_interventions(llama, tiny_tokenizer):
         assert scores.induce[li, pi].item() == pytest.approx(ind.item(), abs=1e-4)
 
 
+def test_affine_sweep_cell_equals_hf_affine_edit_from_its_layer_on(llama, tiny_tokenizer):
+    import contextlib
+
+    folder, model, hf = llama
+    harm, less = encode(tiny_tokenizer, HARMFUL), encode(tiny_tokenizer, HARMLESS)
+    ids = refusal_tokens(tiny_tokenizer, ["sorry", "cannot"])
+    cands = candidates(model, harm, less, progress=False)
+    directional = sweep(model, cands, harm, less, ids, batch_size=3, progress=False)
+    scores = sweep(model, cands, harm, less, ids, batch_size=3, progress=False, ablation="affine")
+    torch.testing.assert_close(scores.induce, directional.induce, atol=0, rtol=0, equal_nan=True)  # addition only
+    base_less = hf_logits(hf, less)[:, -1]
+    for li, pi in [(1, 2), (2, 0)]:
+        r = cands.diff[li, pi] / cands.diff[li, pi].norm()
+        with contextlib.ExitStack() as stack:  # h - (h.r - c_k) r entering every layer k >= li, c_k the harmless mean's
+            for k in range(li, 3):
+                c = float(cands.harmless_mean[k, pi] @ r)
+                rf = r.float()
+                stack.enter_context(hf_edit_layer_input(hf, k, lambda h, c=c, rf=rf: h - ((h @ rf) - c)[..., None] * rf))
+            byp = hand_score(hf_logits(hf, harm)[:, -1], ids).mean()
+            abl = hf_logits(hf, less)[:, -1]
+        p, q = torch.softmax(base_less.double(), -1), torch.softmax(abl.double(), -1)
+        kl = (p * (p.log() - q.log())).sum(-1).mean()
+        assert scores.bypass[li, pi].item() == pytest.approx(byp.item(), abs=1e-4)
+        assert scores.kl[li, pi].item() == pytest.approx(kl.item(), abs=1e-5, rel=1e-3)
+        assert scores.bypass[li, pi].item() != pytest.approx(directional.bypass[li, pi].item(), abs=1e-3)
+        ref = cands.affine_reference(cands.layers[li], cands.offsets[pi], cands.diff[li, pi])
+        assert ref["layers"] == list(range(li, 3)) and len(ref["reference"]) == 3 - li
+    with pytest.raises(ValueError, match="unknown ablation"):
+        sweep(model, cands, harm, less, ids, progress=False, ablation="mean")
+
+
+def test_mask_massive_zeroes_planted_dimensions_per_layer():
+    from probes.refusal import Candidates
+
+    g = torch.Generator().manual_seed(0)
+    harmless = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)  # [layer, position, d_model], |x| ~ 1
+    harmless[1, 0, 5] = 300.0  # massive at layer 1 (one position is enough)
+    harmless[2, :, 3] = -50.0  # and at layer 2, negative
+    diff = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
+    cands = Candidates(diff=diff, harmful_mean=harmless + diff, harmless_mean=harmless, layers=[0, 1, 2],
+                       offsets=[-2, -1], counts={"harmful": 4, "harmless": 4})
+    masked = cands.mask_massive(20.0)
+    assert masked.masked == {1: [5], 2: [3]}
+    keep = torch.ones(3, 8, dtype=torch.bool)
+    keep[1, 5] = keep[2, 3] = False
+    torch.testing.assert_close(masked.diff, diff * keep[:, None, :], atol=0, rtol=0)
+    assert masked.direction(1, -1).data["masked_dims"] == [5] and "masked_dims" not in masked.direction(0, -1).data
+    assert cands.masked == {} and cands.mask_massive(1e6).masked == {}
+
+
 def sweep_of(bypass, induce, kl, layers=None):
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     return Sweep(t(bypass), t(induce), t(kl), layers=layers or list(range(len(bypass))), offsets=[-2, -1][-len(bypass[0]):],
@@ -375,6 +425,39 @@ def test_experiment_runs_on_a_tiny_pair(tiny_pair_dirs, tmp_path):
     with torch.no_grad():
         got = edited(batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_experiment_with_affine_ablation_and_masked_dimensions(tiny_pair_dirs, tmp_path):
+    import json
+
+    from probes.directions import Direction
+
+    exp = tiny.load_experiment("refusal_direction")
+    base, inst = tiny_pair_dirs["llama"]
+    common = ["--base", str(base), "--instruct", str(inst), "--no-filter", "--fallback", "--n-train", "6", "--n-val",
+              "3", "--n-test", "3", "--max-new-tokens", "3", "--refusal-phrases", "sorry", "cannot", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="directional ablation into the weights"):  # before any model loads
+        exp.main(common + ["--out", str(tmp_path / "x"), "--ablation", "affine", "--save-orthogonalized"])
+    with pytest.raises(SystemExit, match="factor >= 0"):
+        exp.main(common + ["--out", str(tmp_path / "x"), "--mask-massive", "-1"])
+    assert not (tmp_path / "x").exists()
+    with pytest.warns(UserWarning, match="no candidate passes"):
+        exp.main(common + ["--out", str(tmp_path / "a"), "--ablation", "affine", "--mask-massive", "3"])
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["ablation"] == "affine" and res["mask_massive"] == 3.0 and isinstance(res["masked_dims"], dict)
+    assert "directional_ablation" in res and "affine_ablation" not in res
+    chosen = Direction.load(tmp_path / "a" / "directions.safetensors")
+    abl = chosen.data["ablation"]
+    assert abl["method"] == "affine" and abl["layers"] == list(range(chosen.layer, 3))
+    assert len(abl["reference"]) == len(abl["layers"])
+    masked = res["masked_dims"].get(str(chosen.layer), [])
+    assert all(float(chosen.raw[d]) == 0 for d in masked)
+    # The default stays the reference method
+    with pytest.warns(UserWarning, match="no candidate passes"):
+        exp.main(common + ["--out", str(tmp_path / "d")])
+    res = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert res["ablation"] == "directional" and res["mask_massive"] == 0 and res["masked_dims"] == {}
+    assert "affine_ablation" in res
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 from probes import refusal
 from probes.activations import record
 from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
-                         open_run, refusal_sets, reject, warn_unknown)
+                         open_run, refusal_sets, registry_key, reject, warn_unknown)
 from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosine, save_orthogonalized
 from probes.plots import refusal as figs
 from probes.prompts import default_sets
@@ -51,6 +51,14 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--induce-min", type=float, default=0.0)
     p.add_argument("--fallback", action="store_true",
                    help="if no candidate passes, take the best bypass below the cut-off with KL <= --kl-max")
+    p.add_argument("--ablation", choices=list(refusal.ABLATIONS), default=None,
+                   help="how a candidate is ablated in the sweep and the evaluation: directional (Arditi et al.: "
+                        "the direction removed from every residual write) or affine (the projection set to the "
+                        "harmless mean's, from the candidate's layer on; Marshall et al.). Default: the pair's "
+                        "registry setting, else directional")
+    p.add_argument("--mask-massive", type=float, default=None, metavar="FACTOR",
+                   help="zero massive-activation dimensions (harmless mean over FACTOR x the median magnitude) in "
+                        "the candidates; 0 keeps the raw difference. Default: the pair's registry setting, else 0")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-orthogonalized", action="store_true",
@@ -98,6 +106,20 @@ def prepare(args: argparse.Namespace) -> dict[str, dict[str, list[str]]]:
     reject(args, "refusal_direction", "its candidates are every post-instruction token of the chat template "
            "(Arditi et al.)", "raw", "positions")
     check_inputs(args)
+    defaults = dict(ablation="directional", mask_massive=0.0)
+    key = registry_key(args)
+    if key is not None:
+        from probes import registry
+
+        defaults.update(dict(registry.get(key).refusal))
+    for name, value in defaults.items():  # a flag given on the command line wins over the pair's setting
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.mask_massive < 0:
+        raise SystemExit(f"--mask-massive {args.mask_massive:g}: a factor >= 0 (0: no masking)")
+    if args.ablation != "directional" and (args.save_orthogonalized or args.gguf):
+        raise SystemExit(f"--save-orthogonalized / --gguf write directional ablation into the weights; with "
+                         f"--ablation {args.ablation} that is not the intervention the direction is chosen for")
     return prompt_splits(args)
 
 
@@ -148,7 +170,12 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
                 run.update(**{f"filtered_{s}": c})
         cands = refusal.candidates(inst, b["train"]["harmful"], b["train"]["harmless"], layers=layers, batch_size=bs,
                                    model_name=f"{pair.name}/instruct")
-        scores = refusal.sweep(inst, cands, b["val"]["harmful"], b["val"]["harmless"], tok_ids, batch_size=bs)
+        if args.mask_massive:
+            cands = cands.mask_massive(args.mask_massive)
+        run.update(ablation=args.ablation, mask_massive=args.mask_massive,
+                   masked_dims={str(k): v for k, v in cands.masked.items()})
+        scores = refusal.sweep(inst, cands, b["val"]["harmful"], b["val"]["harmless"], tok_ids, batch_size=bs,
+                               ablation=args.ablation)
         run.update(sweep=dict(layers=scores.layers, positions=scores.offsets, bypass=_nan_none(scores.bypass),
                               induce=_nan_none(scores.induce), kl=_nan_none(scores.kl),
                               baseline_harmful=scores.baseline_harmful, baseline_harmless=scores.baseline_harmless))
@@ -158,23 +185,32 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
         except refusal.NoDirectionFound as exc:
             return _stop(run, "no_direction", str(exc), t0)
         chosen = cands.direction(sel.layer, sel.offset)
+        chosen.data["ablation"] = ({"method": "directional"} if args.ablation == "directional" else
+                                   {"method": args.ablation, **cands.affine_reference(sel.layer, sel.offset, chosen)})
         run.update(status="ok", chosen=sel.as_dict(), chosen_norm=chosen.norm)
         test_h, test_l = b["test"]["harmful"], b["test"]["harmless"]
         kw = dict(max_new_tokens=args.max_new_tokens, batch_size=bs, judge=judge)
-        main_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, ablation=ablation_hooks(inst, chosen),
+        main_eval = refusal.evaluate(inst, test_h, test_l, tok_ids,
+                                     ablation=cands.ablation(inst, sel.layer, sel.offset, args.ablation),
                                      addition=addition_hooks(inst, chosen, sel.layer), **kw)
-        # Affine ablation: every layer's projection set to the harmless train mean's (at the chosen position).
-        affine_ref = cands.harmless_mean[:, sel.position_index]
-        if len(cands.layers) != L:  # --layers: affine ablation sets every layer, so it needs every layer's mean
-            affine_ref = record(inst, b["train"]["harmless"], "resid_pre", None, f"post_instruction[{sel.offset}]",
-                                batch_size=bs, keep="mean", progress=False).mean()[:, 0]
-        affine_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, baseline=False,
-                                       ablation=affine_hooks(inst, chosen, affine_ref), **kw)
+        # The other ablation, for comparison. Directional runs: affine ablation at every layer, the projection set
+        # to the harmless train mean's (at the chosen position); affine runs: Arditi et al.'s directional ablation.
+        if args.ablation == "directional":
+            other_name = "affine_ablation"
+            affine_ref = cands.harmless_mean[:, sel.position_index]
+            if len(cands.layers) != L:  # --layers: affine ablation sets every layer, so it needs every layer's mean
+                affine_ref = record(inst, b["train"]["harmless"], "resid_pre", None, f"post_instruction[{sel.offset}]",
+                                    batch_size=bs, keep="mean", progress=False).mean()[:, 0]
+            other_hooks = affine_hooks(inst, chosen, affine_ref)
+        else:
+            other_name, other_hooks = "directional_ablation", ablation_hooks(inst, chosen)
+        other_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, baseline=False, ablation=other_hooks, **kw)
         # Control: a random direction of the same norm, ablated and added the same way.
         g = torch.Generator().manual_seed(args.seed)
         rand = torch.randn(pair.d_model, generator=g, dtype=torch.float64)
         rand = rand / rand.norm() * chosen.norm
-        rand_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, baseline=False, ablation=ablation_hooks(inst, rand),
+        rand_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, baseline=False,
+                                     ablation=cands.ablation(inst, sel.layer, sel.offset, args.ablation, rand),
                                      addition=addition_hooks(inst, rand, sel.layer), **kw)
         pca_inst = [record(inst, b["test"][k], "resid_pre", [sel.layer], f"post_instruction[{sel.offset}]",
                            batch_size=bs, progress=False).tensor[:, 0, 0] for k in ("harmful", "harmless")]
@@ -185,9 +221,9 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
                refusal_score_mean={k: {m: v["score_mean"] for m, v in main_eval[k].items()}
                                    for k in ("harmful", "harmless")},
                examples={k: {m: v["examples"] for m, v in main_eval[k].items()} for k in ("harmful", "harmless")},
-               affine_ablation=dict(harmful_rate=affine_eval["harmful"]["ablated"]["rate"],
-                                    harmful_score_mean=affine_eval["harmful"]["ablated"]["score_mean"],
-                                    kl_harmless=affine_eval["kl_harmless_ablation"]),
+               **{other_name: dict(harmful_rate=other_eval["harmful"]["ablated"]["rate"],
+                                   harmful_score_mean=other_eval["harmful"]["ablated"]["score_mean"],
+                                   kl_harmless=other_eval["kl_harmless_ablation"])},
                random_control=dict(norm=float(rand.norm()), **refusal.rates(rand_eval),
                                    kl_harmless_ablation=rand_eval["kl_harmless_ablation"]))
 
@@ -195,14 +231,18 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
     with pair.on_device("base") as base:
         base_cands = refusal.candidates(base, b["train"]["harmful"], b["train"]["harmless"], layers=layers,
                                         batch_size=bs, model_name=f"{pair.name}/base")
+        if args.mask_massive:
+            base_cands = base_cands.mask_massive(args.mask_massive)
         base_dir = base_cands.direction(sel.layer, sel.offset)
-        inst_in_base = refusal.evaluate(base, test_h, test_l, tok_ids, ablation=ablation_hooks(base, chosen),
+        # Transfer: each model's own harmless means are the affine reference for a direction ablated in it.
+        inst_in_base = refusal.evaluate(base, test_h, test_l, tok_ids,
+                                        ablation=base_cands.ablation(base, sel.layer, sel.offset, args.ablation, chosen),
                                         addition=addition_hooks(base, chosen, sel.layer), **kw)
         pca_base = [record(base, b["test"][k], "resid_pre", [sel.layer], f"post_instruction[{sel.offset}]",
                            batch_size=bs, progress=False).tensor[:, 0, 0] for k in ("harmful", "harmless")]
     with pair.on_device("instruct") as inst:
         base_in_inst = refusal.evaluate(inst, test_h, test_l, tok_ids, baseline=False,
-                                        ablation=ablation_hooks(inst, base_dir),
+                                        ablation=cands.ablation(inst, sel.layer, sel.offset, args.ablation, base_dir),
                                         addition=addition_hooks(inst, base_dir, sel.layer), **kw)
     cos_all = cosine(base_cands.diff, cands.diff)  # [layer, position]
     cos_all[(base_cands.diff.norm(dim=-1) == 0) | (cands.diff.norm(dim=-1) == 0)] = float("nan")  # no direction
