@@ -36,15 +36,31 @@ def cmd_pairs() -> int:
     return 0
 
 
+def _parse_all(rest: list[str]) -> dict[str, argparse.Namespace]:
+    """Every experiment's arguments for `run all`: the shared flags go to all, an experiment's own flags (say the
+    refusal direction's `--n-val`) to the experiments that have them; a flag none of them knows is an error."""
+    from probes import experiments
+
+    parsed, unknown = {}, []
+    for n in EXPERIMENTS:
+        parsed[n], extra = experiments.load(n).parser(prog=f"probes run {n}").parse_known_args(rest)
+        unknown.append(extra)
+    nobody = [t for t in unknown[0] if all(t in u for u in unknown[1:])]
+    if nobody:
+        Parser(prog="probes run all").error(f"no experiment takes {' '.join(nobody)}")
+    return parsed
+
+
 def cmd_run(name: str, rest: list[str]) -> int:
     """Run one experiment, or all: every experiment's arguments and inputs are checked before the first runs."""
     from probes import experiments
 
     names = list(EXPERIMENTS) if name == "all" else [name]
     prepared = []
+    parsed = _parse_all(rest) if name == "all" else None
     for n in names:
         module = experiments.load(n)
-        args = module.parser(prog=f"probes run {n}").parse_args(rest)
+        args = parsed[n] if parsed else module.parser(prog=f"probes run {n}").parse_args(rest)
         if name == "all" and args.out is not None:
             args.out = str(Path(args.out) / n)  # every experiment its own folder, never one shared
         prepared.append((n, module, args, module.prepare(args)))

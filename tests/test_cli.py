@@ -105,6 +105,18 @@ def test_input_errors_are_one_line_before_any_model_loads(argv, message, capsys,
     assert not (tmp_path / "run").exists()
 
 
+def test_run_all_gives_each_experiment_its_own_flags(capsys):
+    parsed = cli._parse_all(["--pair", "toy", "--n-val", "8", "--ablation", "affine", "--limit", "5"])
+    assert parsed["refusal_direction"].n_val == 8 and parsed["refusal_direction"].ablation == "affine"
+    assert all(a.limit == 5 and a.pair == "toy" for a in parsed.values())
+    assert not hasattr(parsed["logit_lens"], "n_val")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "all", "--n-vall", "8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "probes run all: error: no experiment takes --n-vall 8" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "logit_lens", "--limit", "-3"])
