@@ -29,6 +29,15 @@ def shipped(name: str) -> Path:
     return HERE / f"{name}-organism"
 
 
+def refusal_direction(name: str):
+    """The refusal direction shipped with an organism (`refusal_direction.safetensors`, chosen by the refusal
+    experiment on held-out prompts), as a `probes.directions.Direction`; ablate it with
+    `probes.directions.recorded_ablation_hooks`, which applies the ablation it was chosen under."""
+    from probes.directions import Direction
+
+    return Direction.load(shipped(name) / "refusal_direction.safetensors")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="probes organism", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
