@@ -178,11 +178,21 @@ def test_candidates_equal_hf_diff_of_means(llama, tiny_tokenizer):
         cands.direction(1, -4)
 
 
-def test_sweep_cell_equals_hf_interventions(llama, tiny_tokenizer):
+def _sweep_inputs(llama, tokenizer):
     folder, model, hf = llama
-    harm, less = encode(tiny_tokenizer, HARMFUL), encode(tiny_tokenizer, HARMLESS)
-    ids = refusal_tokens(tiny_tokenizer, ["sorry", "cannot"])
-    cands = candidates(model, harm, less, progress=False)
+    harm, less = encode(tokenizer, HARMFUL), encode(tokenizer, HARMLESS)
+    ids = refusal_tokens(tokenizer, ["sorry", "cannot"])
+    return model, hf, harm, less, ids, candidates(model, harm, less, progress=False)
+
+
+def _hand_kl(logits_p, logits_q):
+    """Mean KL(p || q) over rows, float64, from the definition."""
+    p, q = torch.softmax(logits_p.double(), -1), torch.softmax(logits_q.double(), -1)
+    return (p * (p.log() - q.log())).sum(-1).mean()
+
+
+def test_sweep_cell_equals_hf_interventions(llama, tiny_tokenizer):
+    model, hf, harm, less, ids, cands = _sweep_inputs(llama, tiny_tokenizer)
     scores = sweep(model, cands, harm, less, ids, batch_size=3, progress=False)
     assert scores.bypass.shape == scores.induce.shape == scores.kl.shape == (3, 3)
     base_less = hf_logits(hf, less)[:, -1]
@@ -194,8 +204,7 @@ def test_sweep_cell_equals_hf_interventions(llama, tiny_tokenizer):
         with hf_ablation(hf, "llama", raw.float()):
             byp = hand_score(hf_logits(hf, harm)[:, -1], ids).mean()
             abl = hf_logits(hf, less)[:, -1]
-        p, q = torch.softmax(base_less.double(), -1), torch.softmax(abl.double(), -1)
-        kl = (p * (p.log() - q.log())).sum(-1).mean()
+        kl = _hand_kl(base_less, abl)
         with hf_edit_layer_input(hf, li, lambda h: h + raw.float()):
             ind = hand_score(hf_logits(hf, less)[:, -1], ids).mean()
         assert scores.bypass[li, pi].item() == pytest.approx(byp.item(), abs=1e-4)
@@ -206,10 +215,7 @@ def test_sweep_cell_equals_hf_interventions(llama, tiny_tokenizer):
 def test_affine_sweep_cell_equals_hf_affine_edit_from_its_layer_on(llama, tiny_tokenizer):
     import contextlib
 
-    folder, model, hf = llama
-    harm, less = encode(tiny_tokenizer, HARMFUL), encode(tiny_tokenizer, HARMLESS)
-    ids = refusal_tokens(tiny_tokenizer, ["sorry", "cannot"])
-    cands = candidates(model, harm, less, progress=False)
+    model, hf, harm, less, ids, cands = _sweep_inputs(llama, tiny_tokenizer)
     directional = sweep(model, cands, harm, less, ids, batch_size=3, progress=False)
     scores = sweep(model, cands, harm, less, ids, batch_size=3, progress=False, ablation="affine")
     torch.testing.assert_close(scores.induce, directional.induce, atol=0, rtol=0, equal_nan=True)  # addition only
@@ -223,8 +229,7 @@ def test_affine_sweep_cell_equals_hf_affine_edit_from_its_layer_on(llama, tiny_t
                 stack.enter_context(hf_edit_layer_input(hf, k, lambda h, c=c, rf=rf: h - ((h @ rf) - c)[..., None] * rf))
             byp = hand_score(hf_logits(hf, harm)[:, -1], ids).mean()
             abl = hf_logits(hf, less)[:, -1]
-        p, q = torch.softmax(base_less.double(), -1), torch.softmax(abl.double(), -1)
-        kl = (p * (p.log() - q.log())).sum(-1).mean()
+        kl = _hand_kl(base_less, abl)
         assert scores.bypass[li, pi].item() == pytest.approx(byp.item(), abs=1e-4)
         assert scores.kl[li, pi].item() == pytest.approx(kl.item(), abs=1e-5, rel=1e-3)
         assert scores.bypass[li, pi].item() != pytest.approx(directional.bypass[li, pi].item(), abs=1e-3)
