@@ -11,6 +11,9 @@ The pipeline, each step a function:
    (harmless val, raw difference added at its layer at all positions) and first-token KL on harmless val under
    ablation; discard layers >= 0.8 n_layers, KL > 0.1, induce < 0; pick the lowest bypass score.
    The layer cut-off is Arditi et al.'s `layer < int(0.8 n_layers)` by default (`cutoff="fractional"`: `< 0.8 n`).
+   For models with massive activations (Gemma-3), two named departures: `Candidates.mask_massive` (those
+   dimensions zeroed in the candidates) and `sweep(..., ablation="affine")` (Marshall et al.'s affine edit from
+   the candidate's layer on instead of directional ablation everywhere).
 5. `generate` (greedy, batched, left-padded, hooks active on every generated token) and `judge` (substring match:
    Arditi et al.'s phrases, or the extended list; both lower-cased as the reference code does).
 
