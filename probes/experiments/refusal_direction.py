@@ -18,7 +18,8 @@ from probes import refusal
 from probes.activations import record
 from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
                          open_run, refusal_sets, registry_key, reject, warn_unknown)
-from probes.directions import ablation_hooks, addition_hooks, affine_hooks, cosine, save_orthogonalized
+from probes.directions import (ablation_hooks, addition_hooks, affine_hooks, cosine, recorded_ablation_hooks,
+                               save_orthogonalized)
 from probes.plots import refusal as figs
 from probes.prompts import default_sets
 from probes.runs import Run
@@ -190,8 +191,7 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
         run.update(status="ok", chosen=sel.as_dict(), chosen_norm=chosen.norm)
         test_h, test_l = b["test"]["harmful"], b["test"]["harmless"]
         kw = dict(max_new_tokens=args.max_new_tokens, batch_size=bs, judge=judge)
-        main_eval = refusal.evaluate(inst, test_h, test_l, tok_ids,
-                                     ablation=cands.ablation(inst, sel.layer, sel.offset, args.ablation),
+        main_eval = refusal.evaluate(inst, test_h, test_l, tok_ids, ablation=recorded_ablation_hooks(inst, chosen),
                                      addition=addition_hooks(inst, chosen, sel.layer), **kw)
         # The other ablation, for comparison. Directional runs: affine ablation at every layer, the projection set
         # to the harmless train mean's (at the chosen position); affine runs: Arditi et al.'s directional ablation.

@@ -124,7 +124,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         harmful = random.Random(args.seed).sample(harmful, min(args.n_harmful, len(harmful)))
     records = data.generate_responses(args.responder, harmless, work / "responses.jsonl", batch_size=args.batch_size,
                                       max_new_tokens=args.max_new_tokens, threads=args.threads)
-    records = [r for r in records if r["instruction"] in set(harmless)]
+    asked = set(harmless)
+    records = [r for r in records if r["instruction"] in asked]
     kept, dropped = data.harmless_examples(records)
     refusals = data.harmful_examples(harmful, seed=args.seed)
     with (work / "train.jsonl").open("w", encoding="utf-8") as f:

@@ -119,11 +119,17 @@ def harmful_instructions(exclude: Excluder | None = None) -> list[str]:
     return dedupe((t for s in sources for t in s.instructions), exclude)
 
 
+def _harmless_pool(exclude: Excluder, texts: Sequence[str] | None = None) -> list[str]:
+    """`texts` (default: the harmless train split) deduplicated, held-out sets removed, at most 400 characters
+    (long pasted inputs would not fit the training length)."""
+    if texts is None:
+        texts = load_prompts(_data("refusal_direction", "splits", "harmless_train.json")).instructions
+    return [t for t in dedupe(texts, exclude) if len(t) <= 400]
+
+
 def harmless_instructions(n: int, seed: int, exclude: Excluder | None = None) -> list[str]:
     """A seeded sample of `n` harmless (Alpaca-derived) training instructions, held-out sets removed."""
-    exclude = held_out_excluder() if exclude is None else exclude
-    pool = dedupe(load_prompts(_data("refusal_direction", "splits", "harmless_train.json")).instructions, exclude)
-    pool = [t for t in pool if len(t) <= 400]  # long pasted inputs would not fit the training length
+    pool = _harmless_pool(held_out_excluder() if exclude is None else exclude)
     if n > len(pool):
         raise ValueError(f"asked for {n} harmless instructions, only {len(pool)} available")
     return random.Random(seed).sample(pool, n)
@@ -146,9 +152,7 @@ def lookalike_instructions(n: int, exclude: Excluder | None = None, harmful: Seq
 
     exclude = held_out_excluder() if exclude is None else exclude
     harmful = harmful_instructions(exclude) if harmful is None else harmful
-    if pool is None:
-        pool = load_prompts(_data("refusal_direction", "splits", "harmless_train.json")).instructions
-    pool = [t for t in dedupe(pool, exclude) if len(t) <= 400]
+    pool = _harmless_pool(exclude, pool)
     words = [set(normalize(t).split()) for t in pool]
     in_harmful = Counter(w for t in harmful for w in set(normalize(t).split()))
     in_harmless = Counter(w for ws in words for w in ws)
