@@ -122,6 +122,9 @@ def test_without_bos_renormalises(models, batch):
     hand = x[..., 1:] / (1.0 - x[..., :1])  # rows sum to 1, so the rest is 1 - bos
     torch.testing.assert_close(nb.per_prompt.double(), hand, atol=1e-5, rtol=0)
     torch.testing.assert_close(nb.full, hand.mean(0), atol=1e-5, rtol=0)
+    # Sink-corrected: each prompt's row sums to 1 over the regions other than BOS.
+    torch.testing.assert_close(nb.per_prompt.double().sum(-1), torch.ones(x.shape[:-1], dtype=torch.float64),
+                               atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="keep='all'"):
         A.attention_mass(model, batch, progress=False).without("bos")
 

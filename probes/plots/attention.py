@@ -90,7 +90,8 @@ def region_bars(per_layer: Mapping[str, object], regions: Sequence[str], *, laye
 
 
 def patching_bars(effects: Mapping[str, float], *, title: str, errors: Mapping[str, float] | None = None,
-                  control: Sequence[str] = ()) -> go.Figure:
+                  control: Sequence[str] = (),
+                  control_note: str = "grey hatched: control heads (smallest attention shift)") -> go.Figure:
     """Bars of mean score changes, e.g. `{"top heads": -3.1, "L2H1": -1.2, "control heads": 0.1}`, with ± one
     standard error over prompts (`errors`, same keys) and the `control` bars hatched grey and named as such."""
     if not effects:
@@ -113,9 +114,75 @@ def patching_bars(effects: Mapping[str, float], *, title: str, errors: Mapping[s
     fig.add_hline(y=0, line_color="#555", line_width=1)
     note = "error bars: ± 1 standard error over prompts" if errors is not None else ""
     if control:
-        note += ("; " if note else "") + "grey hatched: control heads (smallest attention shift)"
+        note += ("; " if note else "") + control_note
     fig.update_layout(title=dict(text=title + (f"<br><sup>{note}</sup>" if note else "")), margin=dict(t=100),
                       yaxis_title="Δ refusal score (patched − clean)", xaxis_title="patched heads")
+    return fig
+
+
+def head_score_heatmaps(panels: Mapping[str, object], *, title: str,
+                        colorbar: str = "Δ refusal score") -> go.Figure:
+    """`[layer, head]` scores side by side on one diverging scale centred on 0 (e.g. attribution beside true
+    patching, or base beside instruct); the hover names the panel, the head and its rank within the panel."""
+    if not panels:
+        raise ValueError("nothing to plot")
+    arrays = {k: _arr(v) for k, v in panels.items()}
+    shapes = {a.shape for a in arrays.values()}
+    for k, a in arrays.items():
+        _check_2d(k, a)
+    if len(shapes) != 1:
+        raise ValueError(f"panels differ in shape: {sorted(shapes)}")
+    m = max(float(np.abs(a).max()) for a in arrays.values()) or 1.0
+    fig = make_subplots(rows=1, cols=len(arrays), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=list(arrays))
+    for col, (name, a) in enumerate(arrays.items(), start=1):
+        order = np.argsort(a.flatten(), kind="stable")  # most negative (carries the most refusal) first
+        rank = np.empty(a.size, dtype=int)
+        rank[order] = np.arange(1, a.size + 1)
+        hover = rank.reshape(a.shape)
+        fig.add_trace(go.Heatmap(
+            z=a, x=[f"H{h}" for h in range(a.shape[1])], y=[str(layer) for layer in range(a.shape[0])],
+            customdata=hover, colorscale=DIVERGING, zmin=-m, zmax=m, zmid=0, showscale=col == len(arrays),
+            colorbar=dict(title=colorbar, thickness=14),
+            hovertemplate=f"{name}<br>layer %{{y}} %{{x}}: %{{z:+.3f}} (rank %{{customdata}})<extra></extra>"),
+            row=1, col=col)
+        fig.update_xaxes(title_text="head", row=1, col=col)
+    fig.update_yaxes(dtick=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(title=dict(text=title + "<br><sup>negative: the head carries refusal (patched − clean); "
+                                              "one colour scale for all panels</sup>"), margin=dict(t=100))
+    return fig
+
+
+def ablation_bars(entries: Sequence[Mapping[str, object]], *, title: str, clean_rate: float | None = None) -> go.Figure:
+    """Head ablations in two panels: the mean change in refusal score (± one standard error over prompts) and the
+    judged refusal rate. entries: `{name, effect, sem, rate, control}` each; control bars are hatched grey."""
+    if not entries:
+        raise ValueError("nothing to plot")
+    names = [str(e["name"]) for e in entries]
+    ctrl = [bool(e.get("control", False)) for e in entries]
+    eff = [float(e["effect"]) for e in entries]
+    colours = ["#9e9e9e" if c else "#d62728" if v < 0 else "#1f77b4" for v, c in zip(eff, ctrl)]
+    pattern = ["/" if c else "" for c in ctrl]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["Δ refusal score (ablated − clean)",
+                                                        "judged refusal rate under ablation"])
+    fig.add_trace(go.Bar(x=names, y=eff, marker_color=colours, marker_pattern_shape=pattern, showlegend=False,
+                         error_y=dict(type="data", array=[float(e.get("sem", 0.0)) for e in entries], visible=True,
+                                      color="#333", thickness=1.5, width=6),
+                         hovertemplate="%{x}: %{y:+.3f}<extra></extra>"), row=1, col=1)
+    rates = [e.get("rate") for e in entries]
+    fig.add_trace(go.Bar(x=names, y=[float(r) if r is not None else None for r in rates], marker_color=colours,
+                         marker_pattern_shape=pattern, showlegend=False, textposition="outside",
+                         text=[f"{float(r):.0%}" if r is not None else "" for r in rates],
+                         hovertemplate="%{x}: %{y:.0%} refused<extra></extra>"), row=1, col=2)
+    if clean_rate is not None:
+        fig.add_hline(y=clean_rate, line_dash="dash", line_color="#555", row=1, col=2,
+                      annotation_text=f"no ablation: {clean_rate:.0%}", annotation_position="top left")
+    fig.add_hline(y=0, line_color="#555", line_width=1, row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=2)
+    fig.update_xaxes(tickangle=-40)
+    fig.update_layout(title=dict(text=title + "<br><sup>error bars: ± 1 standard error over prompts; grey hatched: "
+                                              "random control heads</sup>"), margin=dict(t=110, b=120))
     return fig
 
 
