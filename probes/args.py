@@ -53,7 +53,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_pair: str = "toy") 
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=_positive, default=16)
+    parser.add_argument("--batch-size", type=positive, default=16)
     parser.add_argument("--offload", action="store_true", help="keep one model on the device at a time")
     parser.add_argument("--trust-remote-code", action="store_true")
     add_prompt_args(parser)
@@ -82,7 +82,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="prompt files, one group each (named by file stem; by folder/stem where stems repeat)")
     g.add_argument("--column", default=None, help="the text column of CSV prompt files (default: detected)")
     g.add_argument("--key", default=None, help="the text field of JSON / JSONL prompt files (default: detected)")
-    g.add_argument("--limit", type=_positive, default=None, help="at most this many prompts per set / group")
+    g.add_argument("--limit", type=positive, default=None, help="at most this many prompts per set / group")
     return parser
 
 
@@ -125,7 +125,7 @@ def nonnegative(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")

@@ -21,8 +21,8 @@ import torch
 
 from probes import attention as A
 from probes import heads as H
-from probes.args import (Parser, _positive, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
-                         open_run, position_specs, refusal_sets, reject, warn_unknown)
+from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
+                         open_run, position_specs, positive, refusal_sets, reject, warn_unknown)
 from probes.plots import attention as P
 from probes.runs import Run
 
@@ -31,18 +31,18 @@ QUERY = "post_instruction[-1]"
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = add_common_args(Parser(prog=prog, description=__doc__))
-    p.add_argument("--top-k", type=_positive, default=5, help="heads to rank, patch and ablate")
+    p.add_argument("--top-k", type=positive, default=5, help="heads to rank, patch and ablate")
     p.add_argument("--rank-by", default="attribution", choices=["attribution", "patching", "shift"],
                    help="what ranks the heads that are patched and ablated: attribution patching (default), true "
                         "per-head template patching, or the harmful - harmless attention shift (descriptive)")
-    p.add_argument("--attribution-steps", type=_positive, default=8,
+    p.add_argument("--attribution-steps", type=positive, default=8,
                    help="points on the path from harmful to harmless head outputs whose gradients are averaged "
                         "(1: plain attribution patching, the gradient at the harmful activations)")
-    p.add_argument("--patch-prompts", type=_positive, default=32,
+    p.add_argument("--patch-prompts", type=positive, default=32,
                    help="harmful prompts on which every head is truly patched (the check of the attribution)")
     p.add_argument("--head-ablation", default="mean", choices=list(H.ABLATIONS),
                    help="head ablation: output set to its mean over harmless tokens, or to zero")
-    p.add_argument("--max-new-tokens", type=_positive, default=32, help="greedy tokens judged for refusal rates")
+    p.add_argument("--max-new-tokens", type=positive, default=32, help="greedy tokens judged for refusal rates")
     p.add_argument("--rank-region", default="post_instruction", choices=list(A.REGIONS),
                    help="key region whose harmful - harmless shift (instruct model) ranks heads by shift")
     p.add_argument("--refusal-words", default="sorry",
