@@ -283,10 +283,11 @@ def check_fits(model: Any, batch: ChatBatch) -> None:
         raise ValueError(f"batch is {batch.seq_len} tokens long, over the model's context of {n_ctx}")
 
 
-def forward(model: Any, batch: ChatBatch, *, return_type: str | None = "logits", **kwargs: Any) -> Any:
-    """One forward pass of `model` on `batch` (moved to the model's device), without autograd."""
+def forward(model: Any, batch: ChatBatch, *, return_type: str | None = "logits", grad: bool = False,
+            **kwargs: Any) -> Any:
+    """One forward pass of `model` on `batch` (moved to the model's device), without autograd unless `grad`."""
     device = model_device(model)
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         return model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                      return_type=return_type, **kwargs)
 
@@ -309,13 +310,14 @@ def run_with_cache(model: Any, batch: ChatBatch, **kwargs: Any) -> tuple[torch.T
 
 def last_logits(
     model: Any, batch: ChatBatch, hooks: Sequence[tuple[str, Any]] = (), *, position: str | int = "last",
-    batch_size: int = 16, progress: bool = False,
+    batch_size: int = 16, progress: bool = False, grad: bool = False,
 ) -> torch.Tensor:
     """Logits at one position per prompt under `hooks`, `[batch, vocab]` float32 on the CPU.
 
     Only that position goes through the final norm and unembedding (plus the output soft-cap, e.g. Gemma-2), so
     `[batch, seq, vocab]` logits are never built. With left padding, `"last"` is every row's last real token:
     the distribution of the first response token. Raises FloatingPointError on non-finite logits.
+    `grad`: keep the autograd graph (for gradients with respect to activations the hooks capture).
     """
     if len(batch) == 0:
         raise ValueError("empty batch")
@@ -341,10 +343,10 @@ def last_logits(
         last = f"blocks.{n_layers - 1}.hook_resid_post"
         with model.hooks(fwd_hooks=[*hooks, (last, grab), (last, stop)]):
             try:
-                forward(model, sub, return_type=None)
+                forward(model, sub, return_type=None, grad=grad)
             except _StopForward:
                 pass
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             logits = model.unembed(model.ln_final(captured["x"]))[:, 0].float()
         if cap is not None and cap > 0:
             logits = cap * torch.tanh(logits / cap)

@@ -80,35 +80,6 @@ class Attribution:
         return A.rank_heads(self.scores, k, by="neg")
 
 
-def _logits_with_grad(model: Any, sub: ChatBatch, hooks: list) -> torch.Tensor:
-    """`[b, vocab]` logits at each row's last token, differentiable, without building `[b, seq, vocab]`."""
-    n_layers = int(model.cfg.n_layers)
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(resid: torch.Tensor, hook: Any) -> None:
-        captured["x"] = resid[:, -1:]  # left-padded: the last column is every row's last real token
-
-    def stop(resid: torch.Tensor, hook: Any) -> None:
-        raise _Stop
-
-    last = f"blocks.{n_layers - 1}.hook_resid_post"
-    device = model_device(model)
-    with model.hooks(fwd_hooks=[*hooks, (last, grab), (last, stop)]):
-        try:
-            model(sub.input_ids.to(device), attention_mask=sub.attention_mask.to(device), return_type=None)
-        except _Stop:
-            pass
-    logits = model.unembed(model.ln_final(captured["x"]))[:, 0].float()
-    cap = getattr(model.cfg, "output_logits_soft_cap", None)
-    if cap is not None and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-class _Stop(Exception):
-    pass
-
-
 def head_attribution(
     model: Any, target: ChatBatch, source: ChatBatch, score_fn: ScoreFn, *,
     positions: PositionSpec = "post_instruction", steps: int = 1, batch_size: int = 16, progress: bool = True,
@@ -189,7 +160,7 @@ def _z_gradients(model: Any, sub: ChatBatch, layers: list[int], rows: torch.Tens
     hooks = [("blocks.0.hook_resid_pre", leaf)] + [(A.Z_HOOK.format(layer=layer), make_hook(li, layer))
                                                    for li, layer in enumerate(layers)]
     with torch.enable_grad():
-        logits = _logits_with_grad(model, sub, hooks)
+        logits = last_logits(model, sub, hooks, batch_size=len(sub), grad=True)
         missing = [layer for layer in layers if layer not in zs]
         if missing:
             raise RuntimeError(f"hook_z did not fire for layers {missing}: this model exposes no per-head output")
