@@ -346,7 +346,8 @@ class Preservation:
 
     projection[set][state]: `[prompt, layer]` float64, each prompt's `resid_pre` at t_inst projected on the unit
     harmfulness direction of that layer (set: harmful / harmless; state: clean / ablated). orthogonal: the same on
-    the harmfulness direction made orthogonal to r̂, the part ablation cannot remove by construction. scores:
+    the harmfulness direction made orthogonal to r̂, the part ablation cannot remove by construction. cosine:
+    `[layer]` cosine of each layer's harmfulness direction with the ablated r̂ (of `refusal_layer`). scores:
     mean refusal score of the harmful prompts clean and ablated (when refusal tokens were given).
     """
 
