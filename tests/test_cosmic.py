@@ -267,3 +267,34 @@ def test_score_heatmap_marks_both_choices():
         P.score_heatmap(scores, layers=[0, 1, 2], offsets=[-2, -1], cosmic=(0, -1))
     with pytest.raises(ValueError, match="shape"):
         P.score_heatmap(scores, layers=[0, 1], offsets=[-2, -1])
+
+
+# ------------------------------------------------------------------------------------------ the toy pair
+
+@pytest.mark.slow
+def test_toy_pair_cosmic_finds_arditis_direction_without_refusal_tokens():
+    """On the toy instruct model (the refusal experiment's splits), COSMIC's output-free choice is Arditi et al.'s,
+    and it removes and induces refusal on the test split as the refusal experiment's claims require."""
+    from probes import refusal, toy
+    from probes.pairs import load_pair
+    from probes.prompts import default_sets
+
+    if not (toy.path() / "instruct" / "config.json").exists():
+        pytest.skip(f"the toy pair's weights are not in {toy.path()} (train them: python -m probes.toy.train)")
+    pair = load_pair("toy")
+    sets = {s: default_sets(True, s) for s in ("train", "val", "test")}
+    b = {s: {k: pair.encode(v[:n]) for k, v in sets[s].items()} for s, n in (("train", 128), ("val", 32), ("test", None))}
+    ids = refusal.refusal_tokens(pair.tokenizer)
+    with pair.on_device("instruct") as m:
+        cands = refusal.candidates(m, b["train"]["harmful"], b["train"]["harmless"], progress=False)
+        ev = C.evaluation_layers(m, b["train"]["harmful"], b["train"]["harmless"], progress=False)
+        sel = C.select(C.sweep(m, cands, b["val"]["harmful"], b["val"]["harmless"], ev, progress=False), pair.n_layers)
+        arditi = refusal.select(refusal.sweep(m, cands, b["val"]["harmful"], b["val"]["harmless"], ids, progress=False),
+                                pair.n_layers)
+        comp = C.compare(m, cands, sel, arditi, b["test"]["harmful"], b["test"]["harmless"], ids, progress=False)
+    assert ev.layers == [int(torch.argmin(ev.cosine))]  # int(0.1 x 4) = 0: one layer kept
+    assert comp.same and comp.cosine == pytest.approx(1.0) and comp.arditi_rank_in_cosmic == 1
+    rate, ext = comp.rates()["cosmic"], comp.rates("extended")["cosmic"]
+    assert rate["harmful"]["baseline"] >= 0.90 and rate["harmful"]["ablated"] <= 0.10
+    assert ext["harmless"]["baseline"] <= 0.10 and ext["harmless"]["added"] >= 0.80
+    assert comp.reports["cosmic"]["kl_harmless_ablation"] <= 0.1
