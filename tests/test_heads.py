@@ -262,7 +262,11 @@ def test_causal_ranking_on_toy_pair(tmp_path):
     agree = r["agreement"]["attribution_vs_patching"]
     truth = torch.tensor(r["template_patching"]["instruct"])
     assert truth.shape == (r["n_layers"], r["n_heads"])
-    assert agree["top_k_jaccard"] > r["agreement"]["plain_attribution_vs_patching"]["top_k_jaccard"]
+    # `auto`: plain and 8-point attribution both checked on the subset, the better-agreeing one ranks.
+    tried = {1: r["agreement"]["plain_attribution_vs_patching"], 8: r["agreement"]["8_point_attribution_vs_patching"]}
+    assert r["attribution"]["steps_tried"] == [1, 8] and r["attribution"]["steps_chosen"]
+    assert agree == tried[r["attribution"]["steps"]]
+    assert agree["spearman"] == max(t["spearman"] for t in tried.values())
     assert -1 <= r["base_vs_instruct"]["spearman"] <= 1
     # Sink: the BOS mass and the masses renormalised without it (rows sum to 1 over the other regions).
     for which in ("base", "instruct"):

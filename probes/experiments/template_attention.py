@@ -29,15 +29,24 @@ from probes.runs import Run
 QUERY = "post_instruction[-1]"
 
 
+PATH_STEPS = 8  # the path-averaged attribution `--attribution-steps auto` tries beside the plain one
+
+
+def _steps(text: str) -> int | str:
+    return text if text == "auto" else positive(text)
+
+
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = add_common_args(Parser(prog=prog, description=__doc__))
     p.add_argument("--top-k", type=positive, default=5, help="heads to rank, patch and ablate")
     p.add_argument("--rank-by", default="attribution", choices=["attribution", "patching", "shift"],
                    help="what ranks the heads that are patched and ablated: attribution patching (default), true "
                         "per-head template patching, or the harmful - harmless attention shift (descriptive)")
-    p.add_argument("--attribution-steps", type=positive, default=8,
+    p.add_argument("--attribution-steps", type=_steps, default="auto",
                    help="points on the path from harmful to harmless head outputs whose gradients are averaged "
-                        "(1: plain attribution patching, the gradient at the harmful activations)")
+                        "(1: plain attribution patching, the gradient at the harmful activations), or auto (the "
+                        f"default): 1 and {PATH_STEPS} both checked against true patching on the --patch-prompts "
+                        "subset, the one with the higher rank correlation ranks the heads")
     p.add_argument("--patch-prompts", type=positive, default=32,
                    help="harmful prompts on which every head is truly patched (the check of the attribution)")
     p.add_argument("--head-ablation", default="mean", choices=list(H.ABLATIONS),
@@ -233,22 +242,28 @@ def heads_causal(run: Run, args: argparse.Namespace, pair, batches: dict, *, shi
     harmful, harmless = batches["harmful"], batches["harmless"]
     bs, k, steps = args.batch_size, args.top_k, args.attribution_steps
     name = lambda hd: f"L{hd[0]}H{hd[1]}"  # noqa: E731
+    n_heads_total = pair.n_layers * pair.n_heads
+    if k >= n_heads_total:
+        raise SystemExit(f"--top-k {k} leaves no control heads among {n_heads_total}")
+    subset = harmful[: min(args.patch_prompts, len(harmful))]
+    tried = [1, PATH_STEPS] if steps == "auto" else sorted({1, steps})
+    with pair.on_device("instruct") as model:
+        # The check, on a subset: true per-head patching against the attribution (plain and path-averaged). Which
+        # agrees better depends on the model (heads that saturate favour the path; on real models the plain
+        # gradient often wins), so `auto` lets the check decide.
+        truth = H.template_patching(model, subset, harmless, score_fn, batch_size=bs)
+        sub = {s: H.head_attribution(model, subset, harmless, score_fn, steps=s, batch_size=bs) for s in tried}
+        agree = {s: H.agreement(a.scores, truth.scores, k) for s, a in sub.items()}
+        if steps == "auto":
+            steps = max(tried, key=lambda s: agree[s]["spearman"])  # a tie keeps the plain one
+        sub_attr = sub[steps]
     attribution = {}
     for which in ("base", "instruct"):
         with pair.on_device(which) as model:
             # The same refusal tokens in both models: does the base already route them through the same heads?
             attribution[which] = H.head_attribution(model, harmful, harmless, score_fn, steps=steps, batch_size=bs,
                                                     model_name=f"{pair.name}/{which}")
-    subset = harmful[: min(args.patch_prompts, len(harmful))]
     with pair.on_device("instruct") as model:
-        n_heads_total = int(model.cfg.n_layers) * int(model.cfg.n_heads)
-        if k >= n_heads_total:
-            raise SystemExit(f"--top-k {k} leaves no control heads among {n_heads_total}")
-        # The check, on a subset: true per-head patching against the attribution (and against plain attribution).
-        truth = H.template_patching(model, subset, harmless, score_fn, batch_size=bs)
-        sub_attr = H.head_attribution(model, subset, harmless, score_fn, steps=steps, batch_size=bs)
-        plain = sub_attr if steps == 1 else H.head_attribution(model, subset, harmless, score_fn, steps=1,
-                                                               batch_size=bs)
         rank_scores = {"attribution": attribution["instruct"].scores, "patching": truth.scores}
         if args.rank_by == "shift":
             ranked = [(layer, h) for layer, h, _ in shift_ranked]
@@ -302,7 +317,8 @@ def heads_causal(run: Run, args: argparse.Namespace, pair, batches: dict, *, shi
             "ablation_rate_clean_top_control": [clean_rate, set_top.rate, set_ctrl.rate],
             "minimal_ablation_set": [name(h) for h in minimal.heads] if minimal.found else None,
             "base_vs_instruct_top_k_jaccard": H.jaccard(H.top_heads(inst, k), top_base)},
-        attribution={"score": score_name, "steps": steps, "positions": attribution["instruct"].positions,
+        attribution={"score": score_name, "steps": steps, "steps_chosen": args.attribution_steps == "auto",
+                     "steps_tried": tried, "positions": attribution["instruct"].positions,
                      "method": "attribution patching" if steps == 1 else
                                f"attribution patching, gradients averaged over {steps} points of the path",
                      "instruct": inst, "instruct_sem": attribution["instruct"].sem(), "base": base,
@@ -311,8 +327,9 @@ def heads_causal(run: Run, args: argparse.Namespace, pair, batches: dict, *, shi
                            "description": "each head's output on the post-instruction positions of harmful prompts "
                                           "set to its harmless mean, one head at a time (patched - clean score)"},
         agreement={"n_prompts": len(subset),
-                   "attribution_vs_patching": H.agreement(sub_attr.scores, truth.scores, k),
-                   "plain_attribution_vs_patching": H.agreement(plain.scores, truth.scores, k)},
+                   "attribution_vs_patching": agree[steps],
+                   "plain_attribution_vs_patching": agree[1],
+                   **({f"{tried[-1]}_point_attribution_vs_patching": agree[tried[-1]]} if len(tried) > 1 else {})},
         base_vs_instruct={"top_k": k, "instruct_top": [name(h) for h in H.top_heads(inst, k)],
                           "base_top": [name(h) for h in top_base],
                           "top_k_jaccard": H.jaccard(H.top_heads(inst, k), top_base),
