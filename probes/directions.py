@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,12 +151,25 @@ def unit(direction: Direction | torch.Tensor) -> torch.Tensor:
     return v / norm
 
 
-def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
-    """`x - (x . r̂) r̂` along the last dimension; `r_hat` must be unit. Computed in float32 at least."""
+def project_out(x: torch.Tensor, r_hat: torch.Tensor, weight: float = 1.0, *,
+                norm_preserving: bool = False) -> torch.Tensor:
+    """`x - w (x . r̂) r̂` along the last dimension (w = `weight`, 1: the whole component); `r_hat` must be unit.
+    Computed in float32 at least.
+
+    norm_preserving: each vector is then rescaled to its norm before the edit, `||x||`, so only its direction
+    changes (with w = 1 it stays orthogonal to r̂). A vector the edit leaves at zero, or at rounding level (under
+    64 eps ||x||: x parallel to r̂ with w = 1, a zero pad embedding), becomes zero: its remainder is rounding noise,
+    whose direction rescaling would blow up to full norm.
+    """
     dt = torch.promote_types(x.dtype, torch.float32)
     r = r_hat.to(device=x.device, dtype=dt)
     xf = x.to(dt)
-    return (xf - (xf @ r)[..., None] * r).to(x.dtype)
+    y = xf - float(weight) * (xf @ r)[..., None] * r
+    if norm_preserving:
+        old, new = xf.norm(dim=-1, keepdim=True), y.norm(dim=-1, keepdim=True)
+        keep = new > 64 * torch.finfo(dt).eps * old
+        y = torch.where(keep, y * (old / new.clamp_min(torch.finfo(dt).tiny)), torch.zeros_like(y))
+    return y.to(x.dtype)
 
 
 def residual_write_hooks(model: Any) -> list[str]:
@@ -178,18 +191,45 @@ def residual_write_hooks(model: Any) -> list[str]:
     return names
 
 
-def ablation_hooks(model: Any, direction: Direction | torch.Tensor) -> list[Hook]:
+def ablation_hooks(model: Any, direction: Direction | torch.Tensor, *, norm_preserving: bool = False) -> list[Hook]:
     """Directional ablation: remove the component along r̂ from every residual write, at every position.
 
     Equivalent to projecting r̂ out of every `resid_pre`, `resid_mid` and `resid_post`, and to `orthogonalize`-d
-    weights (for architectures whose writes are linear maps, see there).
+    weights (for architectures whose writes are linear maps, see there). norm_preserving: each write keeps its
+    norm (`project_out`); the residuals then no longer are projections of the unedited ones.
     """
-    r_hat = unit(direction)
+    return weighted_ablation_hooks(model, {name: (direction, 1.0) for name in residual_write_hooks(model)},
+                                   norm_preserving=norm_preserving)
 
-    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        return project_out(act, r_hat)
 
-    return [(name, fn) for name in residual_write_hooks(model)]
+def weighted_ablation_hooks(model: Any, edits: Mapping[str, tuple[Direction | torch.Tensor, float]], *,
+                            norm_preserving: bool = False) -> list[Hook]:
+    """Weighted directional ablation at chosen hooks: `x <- x - w (x . r̂) r̂` at every position of each hook named
+    in `edits` (`{hook name: (direction, weight)}`, each hook its own direction and weight; w = 1 removes the
+    component, 0 leaves the hook alone and is dropped). norm_preserving: see `project_out`.
+
+    Raises ValueError before building anything on an unknown hook name, a non-finite weight or a direction that
+    is not `[d_model]`.
+    """
+    d_model = int(model.cfg.d_model)
+    hooks: list[Hook] = []
+    for name, (direction, weight) in edits.items():
+        if name not in model.hook_dict:
+            raise ValueError(f"the model has no hook {name!r}")
+        weight = float(weight)
+        if not torch.isfinite(torch.tensor(weight)):
+            raise ValueError(f"non-finite ablation weight {weight} at {name}")
+        r_hat = unit(direction)
+        if r_hat.shape[0] != d_model:
+            raise ValueError(f"direction at {name} has {r_hat.shape[0]} dims, the model {d_model}")
+        if weight == 0:
+            continue
+
+        def fn(act: torch.Tensor, hook: Any, r_hat: torch.Tensor = r_hat, weight: float = weight) -> torch.Tensor:
+            return project_out(act, r_hat, weight, norm_preserving=norm_preserving)
+
+        hooks.append((name, fn))
+    return hooks
 
 
 def _check_layer(model: Any, layer: int) -> None:
