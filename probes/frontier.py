@@ -34,8 +34,9 @@ Named departures from Heretic:
   keeps its norm; at the inputs: each residual does). Heretic's norm preservation (`row_normalization="full"`,
   after grimjim's norm-preserving biprojected abliteration) acts on the weights instead: it restores the row norms
   of the edited matrices, through a rank-3 SVD of the change.
-- The stack's last row (output of the last block) is `resid_post` before the final norm; HF's last
-  `hidden_states`, which Heretic reads, is after it. Only indices within one block of the top read that row.
+- The stack's last row is, as Heretic's, HF's last `hidden_states` entry: the last block's output after the final
+  norm (`direction_stack(..., final_norm=False)`: before it, in the space the edit acts on). That row is read by
+  direction indices >= n_layers - 2 and by the last block under the "per layer" scope.
 - The directions are the raw differences by default; Heretic by default first projects out the harmless mean
   (grimjim's projected abliteration): `direction_stack(..., projected=True)`. Winsorisation (off in Heretic by
   default) is not offered.
@@ -106,15 +107,17 @@ class Kernel:
 @dataclass
 class DirectionStack:
     """Unit harmful - harmless mean differences `vectors` `[n_layers + 1, d_model]` float64, rows as HF's
-    `hidden_states` (row 0: embeddings = `resid_pre` of block 0, row l + 1: `resid_post` of block l), and the raw
-    differences `raw` (same shape). A row whose difference is zero (the embeddings at a template token, the same
-    for every prompt) is all zeros in `vectors` and cannot be used."""
+    `hidden_states` (row 0: embeddings = `resid_pre` of block 0, row l + 1: `resid_post` of block l, the last one
+    after the final norm when `final_norm`), and the raw differences `raw` (same shape). A row whose difference is
+    zero (the embeddings at a template token, the same for every prompt) is all zeros in `vectors` and cannot be
+    used."""
 
     vectors: torch.Tensor
     raw: torch.Tensor
     position: str
     model: str = ""
     projected: bool = False
+    final_norm: bool = True
 
     @property
     def n_layers(self) -> int:
@@ -152,24 +155,33 @@ class DirectionStack:
 
 
 def direction_stack(model: Any, harmful: ChatBatch, harmless: ChatBatch, *, position: str = "post_instruction[-1]",
-                    projected: bool = False, batch_size: int = 16, progress: bool = True,
+                    projected: bool = False, final_norm: bool = True, batch_size: int = 16, progress: bool = True,
                     model_name: str | None = None) -> DirectionStack:
-    """Harmful - harmless means of every residual at `position` (one forward per batch, streamed float64 sums).
+    """Harmful - harmless means of every residual at `position` (streamed float64 sums).
 
-    projected: remove from each unit difference its component along that row's unit harmless mean and renormalise
-    (Heretic's default `orthogonalize_direction`, after grimjim's projected abliteration)."""
+    final_norm: the last row is the last block's output after the model's final norm, per prompt, as HF's last
+    `hidden_states` (Heretic's); False: before it. projected: remove from each unit difference its component along
+    that row's unit harmless mean and renormalise (Heretic's default `orthogonalize_direction`, after grimjim's
+    projected abliteration)."""
     if len(harmful) == 0 or len(harmless) == 0:
         raise ValueError("the direction stack needs non-empty harmful and harmless sets")
-    kw = dict(hooks=("resid_pre", "resid_post"), layers=None, positions=position, batch_size=batch_size,
-              keep="mean", progress=progress, model_name=model_name)
-    a, b = record(model, harmful, **kw), record(model, harmless, **kw)
-    if len(a.positions) != 1:
-        raise ValueError(f"position {position!r} selects {len(a.positions)} positions; the stack needs one")
+    if len(harmful.positions(position)[1]) != 1:
+        raise ValueError(f"position {position!r} selects {len(harmful.positions(position)[1])} positions; the stack "
+                         "needs one")
+    kw = dict(layers=None, positions=position, batch_size=batch_size, progress=progress, model_name=model_name)
 
-    def rows(acts: Any) -> torch.Tensor:  # [n_layers + 1, d_model]: resid_pre of every block, then the last output
-        return torch.cat([acts.mean("resid_pre")[:, 0], acts.mean("resid_post")[-1:, 0]])
+    def rows(batch: ChatBatch) -> torch.Tensor:  # [n_layers + 1, d_model]: resid_pre of every block, the last output
+        acts = record(model, batch, hooks="resid_pre", keep="mean", **kw)
+        if not final_norm:
+            last = record(model, batch, hooks="resid_post", keep="mean", **{**kw, "layers": [-1]}).mean()[0]
+        else:  # the norm is per prompt: keep the prompts' outputs, normalise each, then average
+            out = record(model, batch, hooks="resid_post", keep="all", **{**kw, "layers": [-1]}).tensors["resid_post"]
+            with torch.no_grad():
+                normed = model.ln_final(out[:, 0].to(next(model.parameters()).device)).double().cpu()
+            last = normed.mean(0)
+        return torch.cat([acts.mean()[:, 0], last])
 
-    harm, less = rows(a), rows(b)
+    harm, less = rows(harmful), rows(harmless)
     raw = harm - less
     norms = raw.norm(dim=-1, keepdim=True)
     vectors = torch.where(norms > 0, raw / norms.clamp_min(1e-300), torch.zeros_like(raw))
@@ -178,7 +190,9 @@ def direction_stack(model: Any, harmful: ChatBatch, harmless: ChatBatch, *, posi
         vectors = vectors - (vectors * g).sum(-1, keepdim=True) * g
         n2 = vectors.norm(dim=-1, keepdim=True)
         vectors = torch.where(n2 > 0, vectors / n2.clamp_min(1e-300), torch.zeros_like(vectors))
-    return DirectionStack(vectors=vectors, raw=raw, position=a.positions[0], model=a.model, projected=projected)
+    return DirectionStack(vectors=vectors, raw=raw, position=harmful.positions(position)[1][0],
+                          model=model_name or str(model.cfg.model_name),
+                          projected=projected, final_norm=final_norm)
 
 
 # ----------------------------------------------------------------------------------------------- the abliteration
@@ -473,6 +487,7 @@ def search(model: Any, stack: DirectionStack, objectives: Objectives, *, n_trial
     settings = dict(n_trials=n_trials, n_startup_trials=n_startup_trials, seed=seed, placement=placement,
                     norm_preserving=norm_preserving, sampler="optuna TPESampler(multivariate=True, n_ei_candidates=128)",
                     optuna=optuna.__version__, position=stack.position, projected=stack.projected,
+                    final_norm=stack.final_norm,
                     **objectives.settings())
     front = pareto_front([[t.measurement.refusals, t.measurement.kl] for t in trials])
     return Frontier(trials=trials, front=front, baseline=objectives.baseline, settings=settings)

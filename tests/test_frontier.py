@@ -59,20 +59,24 @@ def test_direction_stack_equals_hf_hidden_states(llama, sets, stack):
     harmful, harmless = sets
     n = hf.config.num_hidden_layers
 
-    def last_token_states(b):  # [n_layers + 1, d]: hidden_states[0..n-1], then the last block's output pre-norm
+    def last_token_states(b, final_norm=True):  # [n_layers + 1, d] at the last token, averaged over prompts
         seen = {}
         h = hf.model.layers[-1].register_forward_hook(lambda m, a, out: seen.update(x=out[0] if isinstance(out, tuple)
                                                                                       else out))
         try:
-            hs = hf_forward(hf, b, output_hidden_states=True).hidden_states
+            hs = hf_forward(hf, b, output_hidden_states=True).hidden_states  # the last one after the final norm
         finally:
             h.remove()
-        rows = [hs[i][:, -1].double().mean(0) for i in range(n)] + [seen["x"][:, -1].double().mean(0)]
-        return torch.stack(rows)
+        last = hs[n] if final_norm else seen["x"]
+        return torch.stack([hs[i][:, -1].double().mean(0) for i in range(n)] + [last[:, -1].double().mean(0)])
 
     raw = last_token_states(harmful) - last_token_states(harmless)
     assert stack.vectors.shape == (n + 1, model.cfg.d_model) and stack.position == "post_instruction[-1]"
     torch.testing.assert_close(stack.raw, raw, atol=1e-5, rtol=0)
+    pre = F.direction_stack(model, harmful, harmless, final_norm=False, progress=False)
+    torch.testing.assert_close(pre.raw, last_token_states(harmful, False) - last_token_states(harmless, False),
+                               atol=1e-5, rtol=0)
+    assert float((pre.raw[n] - raw[n]).abs().max()) > 1e-2  # the final norm changes the last row
     # row 0 (the embedding of the last template token) is the same for every prompt: no direction
     assert float(stack.raw[0].abs().max()) == 0 and float(stack.vectors[0].abs().max()) == 0
     for i in range(1, n + 1):
@@ -372,6 +376,8 @@ def test_bad_input(llama, sets, stack):
         stack.at(2.5)
     with pytest.raises(ValueError, match="zero difference"):
         stack.at(-1)
+    with pytest.raises(ValueError, match="positions"):
+        F.direction_stack(model, *sets, position="post_instruction", progress=False)
     with pytest.raises(ValueError, match="no hook"):
         weighted_ablation_hooks(model, {"blocks.9.hook_attn_out": (stack.at(1.0), 1.0)})
     with pytest.raises(ValueError, match="non-finite"):
