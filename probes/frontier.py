@@ -450,7 +450,7 @@ def search(model: Any, stack: DirectionStack, objectives: Objectives, *, n_trial
 
     The sampler is Heretic's: `optuna.samplers.TPESampler(n_startup_trials, n_ei_candidates=128, multivariate=True,
     seed=seed)`; defaults n_trials=200, n_startup_trials=60 as Heretic's. The same seed, model and sets give the
-    same trials. Needs optuna (the `geometry` extra).
+    same trials.
     """
     if not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
@@ -467,7 +467,7 @@ def search(model: Any, stack: DirectionStack, objectives: Objectives, *, n_trial
     try:
         import optuna
     except ImportError as exc:
-        raise ImportError("the frontier search needs optuna: pip install 'probes[geometry]'") from exc
+        raise ImportError("the frontier search needs optuna (a dependency of probes): pip install optuna") from exc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():

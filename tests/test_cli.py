@@ -46,7 +46,8 @@ def test_help_lists_experiments_one_line_each(capsys):
 
 
 @pytest.mark.parametrize("name,own", [("refusal_direction", "--n-train"), ("logit_lens", "--targets"),
-                                      ("activation_diff", "--response"), ("template_attention", "--top-k")])
+                                      ("activation_diff", "--response"), ("template_attention", "--top-k"),
+                                      ("refusal_geometry", "--parts")])
 def test_each_experiment_has_its_own_help_and_the_shared_flags(name, own, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", name, "--help"])
@@ -87,6 +88,8 @@ def test_layer_and_limit_flags_are_validated():
     (["run", "logit_lens", "--positions", "assistant[0]"], "unknown role 'assistant'"),
     (["run", "refusal_direction", "--raw"], "--raw does not apply"),
     (["run", "template_attention", "--raw"], "--raw does not apply"),
+    (["run", "refusal_geometry", "--raw"], "--raw does not apply"),
+    (["run", "refusal_geometry", "--positions", "user[-1]"], "--positions does not apply"),
     (["run", "activation_diff", "--positions", "last"], "--positions does not apply"),
     (["run", "refusal_direction", "--prompts", "a.csv"], "give --harmful and --harmless"),
     (["run", "logit_lens", "--harmful", "a.csv"], "--harmful and --harmless go together"),
@@ -123,6 +126,18 @@ def test_usage_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "probes run logit_lens: error: argument --limit: must be >= 1, got -3" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--parts", "harmfulness,nope"], "comma-separated parts from harmfulness"),
+    (["--cone-dims", "1"], "cone dimensions from 2 to 8"),
+    (["--steer-coeffs", "1,-2"], "positive coefficients"),
+])
+def test_refusal_geometry_flags_are_checked_when_parsed(argv, message, capsys, no_model_loads):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "refusal_geometry", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path, no_model_loads):

@@ -18,6 +18,8 @@ EXPERIMENTS: dict[str, str] = {
                   "per layer",
     "activation_diff": "mean activation difference instruct − base by token role; per-token KL along the response",
     "template_attention": "attention of template tokens onto each prompt region; head ranking; head patching",
+    "refusal_geometry": "refusal beyond one direction: harmfulness vs refusal, COSMIC selection, per-prompt "
+                        "steerability, the refusal-KL frontier, refusal cones",
 }
 
 
