@@ -23,3 +23,13 @@ def tiny_pair_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_pair_dirs):
+    """The tiny random Llama (instruct side) as a bridge and as plain HF, for hand comparisons (a test module may
+    define its own, e.g. in float64)."""
+    from probes.pairs import load_model
+
+    folder = tiny_pair_dirs["llama"][1]
+    return load_model(folder, device="cpu"), tiny.hf_model(folder)

@@ -10,20 +10,12 @@ import math
 import pytest
 import torch
 
-import tiny
 from probes import frontier as F
 from probes.chat import encode
 from probes.directions import project_out, unit, weighted_ablation_hooks
-from probes.pairs import load_model
 from probes.plots import frontier as P
 from test_attention import HARMFUL, HARMLESS, hf_forward
 from test_directions import bridge_logits, hf_logits, real
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_pair_dirs):
-    folder = tiny_pair_dirs["llama"][1]
-    return load_model(folder, device="cpu"), tiny.hf_model(folder)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ import math
 import pytest
 import torch
 
-import tiny
 from probes import harmfulness as H
 from probes.chat import encode
 from probes.directions import cosine
-from probes.pairs import load_model
 from probes.plots import harmfulness as P
 from probes.refusal import refusal_tokens
 from test_attention import HARMFUL, HARMLESS
@@ -21,12 +19,6 @@ from test_refusal import hand_score
 # The tiny ChatML template ends "<|im_end|> <|im_start|> assistant": in every left-padded row the last 3 tokens are
 # the post-instruction template, so t_post-inst is column -1 and t_inst (the user's last word) column -4.
 T_INST, T_POST, N_POST = -4, -1, 3
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_pair_dirs):
-    folder = tiny_pair_dirs["llama"][1]
-    return load_model(folder, device="cpu"), tiny.hf_model(folder)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,9 @@ from probes import attention as A
 from probes import heads as H
 from probes.chat import encode
 from probes.generation import generate
-from probes.pairs import load_model
 from probes.plots import attention as P
 from test_attention import HARMFUL, HARMLESS, hf_forward, hf_head_inputs, hf_patched_last_logits
 from test_generation import hf_greedy
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_pair_dirs):
-    folder = tiny_pair_dirs["llama"][1]
-    return load_model(folder, device="cpu"), tiny.hf_model(folder)
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
 from probes import steerability as S
 from probes.chat import encode
 from probes.directions import Direction
-from probes.pairs import load_model
 from probes.plots import steerability as P
 from probes.refusal import refusal_tokens
 from test_attention import HARMFUL, HARMLESS
 from test_directions import hf_ablation, hf_edit_layer_input, hf_logits
 from test_refusal import hand_score
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_pair_dirs):
-    folder = tiny_pair_dirs["llama"][1]
-    return load_model(folder, device="cpu"), tiny.hf_model(folder)
 
 
 @pytest.fixture(scope="module")
