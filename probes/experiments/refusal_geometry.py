@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 
 from probes import checkpoints, refusal
 from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, load_pair_for, open_run,
-                         positive, reject, warn_unknown)
+                         positive, registry_key, reject, warn_unknown)
 from probes.experiments.refusal_direction import prompt_splits
 from probes.runs import Run
 
@@ -100,6 +101,15 @@ def prepare(args: argparse.Namespace) -> dict[str, dict[str, list[str]]]:
     """Every input read and checked, no model loaded: the train / val / test splits."""
     reject(args, "refusal_geometry", "its directions are read at the chat template's tokens", "raw", "positions")
     check_inputs(args)
+    key = registry_key(args)
+    if key is not None:
+        from probes import registry
+
+        settings = dict(registry.get(key).refusal)
+        if settings:  # e.g. the organism: massive activations, masked dimensions and affine ablation
+            warnings.warn(f"{key}'s refusal direction is chosen with {settings} in refusal_direction; "
+                          "refusal_geometry's parts use the reference methods' plain difference of means and "
+                          "directional ablation, which that pair's notes say do not fit it", stacklevel=2)
     return prompt_splits(args)
 
 
