@@ -1,0 +1,606 @@
+"""A sharded, resumable store of several models' activations on the same tokens, aligned row by row: the data
+that dictionaries (crosscoders, diff-SAEs) train on, larger than memory.
+
+A store is a folder:
+- `shard-00000.safetensors`, ...: `shard_tokens` rows each (the last may hold fewer). Row r of every tensor in a
+  shard is the same token: `"{model}/{hook}/{layer}"` `[rows, *feature]` in the store's dtype, `prompt_id` (index
+  within its prompt set), `position` (index among the prompt's real tokens; -1 for a `mean(role)` row), `set`
+  (index into the manifest's prompt sets) int32 and `role` (`probes.chat.ROLES` index) uint8 `[rows]`, plus the
+  shard's own float64 statistics `"stats/{model}/{hook}/{layer}/mean"` and `".../m2"`.
+- `stats.safetensors`: float64 count, mean and M2 (sum of squared deviations) per model x hook x layer over the
+  whole store, combined from the shards' own with the parallel Welford formula (Chan et al.), written when the
+  store completes.
+- `manifest.json`: the inputs' hashes (token ids, attention masks and roles of every prompt set; each model's
+  parameter fingerprint), the spec (hooks, layers, positions, dtype, shard size, batch size), the prompt sets,
+  the shard list with row counts and sha256, the statistics file's sha256 and whether the store is complete.
+
+Every file is written whole under a temporary name and renamed into place (`probes.files.atomic_path`), shard
+first and manifest last, so a killed writer leaves complete shards and a manifest that lists only those: writing
+again resumes after the last listed shard, recomputing from the batch that holds its first missing row, with the
+same batch boundaries, so the shards come out byte-identical to an uninterrupted write. A store whose inputs or
+spec differ is refused, never mixed. Nothing is pickled.
+
+Statistics are those of the stored values (after the cast to the store's dtype), so they describe exactly what
+the reader yields. The manifest holds the statistics file's hash rather than the numbers: as JSON they would be
+megabytes for a real model (models x hooks x layers x d_model float64).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from probes import checkpoints
+from probes.activations import (PositionSpec, check_fits, forward, hook_name, position_selector, resolve_layers,
+                                select_positions)
+from probes.chat import ROLE_ID, ChatBatch, check_position_spec
+from probes.files import atomic_path
+
+FORMAT = "probes.store/1"
+MANIFEST = "manifest.json"
+STATS = "stats.safetensors"
+META = ("prompt_id", "position", "role", "set")
+_RESERVED = (*META, "stats")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_MEAN = re.compile(r"^mean\(([a-z_]+)\)$")
+
+
+class StoreError(ValueError):
+    """A store folder that cannot be read or resumed: a damaged file, a manifest that does not match it, or inputs
+    that differ from those it was written from."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _act_key(model: str, hook: str, layer: int) -> str:
+    return f"{model}/{hook}/{layer}"
+
+
+# --- statistics -----------------------------------------------------------------------------------------------
+
+def moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) in float64 over the rows of `x` `[rows, *feature]`; M2 = sum of squared deviations."""
+    x = x.double()
+    mean = x.mean(0)
+    return int(x.shape[0]), mean, ((x - mean) ** 2).sum(0)
+
+
+def combine(a: tuple[int, torch.Tensor, torch.Tensor],
+            b: tuple[int, torch.Tensor, torch.Tensor]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The (count, mean, M2) of two disjoint row sets from theirs (Chan, Golub & LeVeque's parallel update)."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    if na == 0:
+        return b
+    if nb == 0:
+        return a
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta**2 * (na * nb / n)
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+def _resolve_models(source: Any, names: Sequence[str]) -> tuple[dict[str, Any], Any]:
+    """{name: model} and the pair (None for a plain mapping), checked to be the same shape."""
+    from probes.pairs import ModelPair
+
+    names = [names] if isinstance(names, str) else list(names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"models must be distinct names, got {names!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n or "/" in n or n in _RESERVED]
+    if bad:
+        raise ValueError(f"model names {bad!r} are not usable (non-empty, no '/', not one of {_RESERVED})")
+    if isinstance(source, ModelPair):
+        pair, avail = source, source.models
+    elif isinstance(source, Mapping):
+        pair, avail = None, source
+    else:
+        raise ValueError("write_store takes a ModelPair or a {name: model} mapping")
+    missing = [n for n in names if n not in avail]
+    if missing:
+        raise ValueError(f"no model named {missing!r} (have {list(avail)})")
+    models = {n: avail[n] for n in names}
+    shapes = {n: (int(m.cfg.n_layers), int(m.cfg.d_model)) for n, m in models.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"models differ in (layers, d_model): {shapes}")
+    return models, pair
+
+
+def _resolve_sets(prompts: Any, pair: Any) -> dict[str, ChatBatch]:
+    if isinstance(prompts, ChatBatch):
+        prompts = {"prompts": prompts}
+    if not isinstance(prompts, Mapping) or not prompts:
+        raise ValueError("prompts must be a ChatBatch or a non-empty {set name: ChatBatch or list of str} mapping")
+    out = {}
+    for name, batch in prompts.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"prompt set names must be non-empty strings, got {name!r}")
+        if not isinstance(batch, ChatBatch):
+            if pair is None:
+                raise ValueError(f"prompt set {name!r} is not encoded: pass a ChatBatch, or a ModelPair to encode "
+                                 "strings with")
+            batch = pair.encode(list(batch))
+        if len(batch) == 0:
+            raise ValueError(f"prompt set {name!r} is empty")
+        out[name] = batch
+    return out
+
+
+def _positions_json(positions: PositionSpec) -> Any:
+    if isinstance(positions, str) and positions == "all":
+        return "all"
+    specs = list(positions) if isinstance(positions, (list, tuple)) else [positions]
+    if not specs:
+        raise ValueError("empty position list")
+    for s in specs:
+        if s == "all":
+            raise ValueError("'all' cannot be combined with other position specs")
+        check_position_spec(s)
+    return specs
+
+
+def _chunk_rows(sub: ChatBatch, positions: Any) -> tuple[int, list[str] | None]:
+    """Rows a chunk gives and the spec's column labels (None for 'all'); raises ValueError on a spec that does
+    not fit some prompt, before any forward."""
+    if positions == "all":
+        return int(sub.attention_mask.sum()), None
+    _, _, labels = position_selector(sub, positions)
+    return len(sub) * len(labels), labels
+
+
+def _capture(model: Any, sub: ChatBatch, hooks: list[str], layers: list[int], positions: Any,
+             ) -> tuple[dict[tuple[str, int], torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward of `sub`: ({(hook, layer): [rows, *feature] float32}, {prompt, position, role: [rows]})."""
+    n_layers = int(model.cfg.n_layers)
+    device = next(model.parameters()).device
+    pad = sub.seq_len - sub.attention_mask.sum(-1)  # [batch] left padding per row
+    if positions == "all":
+        b_idx, s_idx = torch.nonzero(sub.attention_mask.bool(), as_tuple=True)  # row-major: prompt, then position
+        meta = {"prompt": b_idx, "position": s_idx - pad[b_idx], "role": sub.roles[b_idx, s_idx]}
+        b_dev, s_dev = b_idx.to(device), s_idx.to(device)
+    else:
+        index, weights, labels = position_selector(sub, positions)
+        k = index.shape[1]
+        is_mean = index < 0
+        mean_role = torch.tensor([ROLE_ID[m[1]] if (m := _MEAN.match(lab)) else -1 for lab in labels])
+        safe = index.clamp_min(0)
+        role = torch.where(is_mean, mean_role.expand_as(index), sub.roles.gather(1, safe))
+        meta = {"prompt": torch.arange(len(sub)).repeat_interleave(k),
+                "position": torch.where(is_mean, -1, index - pad[:, None]).flatten(), "role": role.flatten()}
+        index, weights = index.to(device), weights.to(device)
+    got: dict[tuple[str, int], torch.Tensor] = {}
+
+    def make_hook(h: str, layer: int):
+        def fn(act: torch.Tensor, hook: Any) -> None:
+            if act.ndim < 3 or tuple(act.shape[:2]) != (len(sub), sub.seq_len):
+                raise ValueError(f"{hook.name} gives {tuple(act.shape)}; a store needs [batch, seq, ...] activations")
+            if positions == "all":
+                sel = act[b_dev, s_dev].float()
+            else:
+                sel = select_positions(act, index, weights).flatten(0, 1)
+            got[h, layer] = sel.cpu()
+        return fn
+
+    fwd = [(hook_name(h, layer), make_hook(h, layer)) for h in hooks for layer in layers]
+    stop = max(layers) + 1
+    with model.hooks(fwd_hooks=fwd):
+        forward(model, sub, return_type=None, stop_at_layer=stop if stop < n_layers else None)
+    return got, meta
+
+
+class _Buffer:
+    """Rows waiting to be written: per-chunk pieces, joined only when a shard is cut from them."""
+
+    def __init__(self) -> None:
+        self.pieces: list[dict[str, torch.Tensor]] = []
+        self.rows = 0
+        self.peak = 0  # the most rows held at once (tests read it: memory stays bounded by one shard + one batch)
+
+    def add(self, piece: dict[str, torch.Tensor]) -> None:
+        n = int(next(iter(piece.values())).shape[0])
+        if n:
+            self.pieces.append(piece)
+            self.rows += n
+            self.peak = max(self.peak, self.rows)
+
+    def take(self, n: int) -> dict[str, torch.Tensor]:
+        """The first `n` rows, removed from the buffer."""
+        out: dict[str, list[torch.Tensor]] = {}
+        need = n
+        while need:
+            piece = self.pieces[0]
+            m = int(next(iter(piece.values())).shape[0])
+            use = min(m, need)
+            for k, t in piece.items():
+                out.setdefault(k, []).append(t[:use])
+            if use == m:
+                self.pieces.pop(0)
+            else:
+                self.pieces[0] = {k: t[use:] for k, t in piece.items()}
+            need -= use
+        self.rows -= n
+        return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+def _save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> str:
+    """Write a safetensors file atomically; its sha256. One metadata entry, so its bytes are deterministic."""
+    from safetensors.torch import save
+
+    data = save({k: t.contiguous() for k, t in tensors.items()}, metadata={"probes.store": json.dumps(meta)})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return _sha256(data)
+
+
+def _stats_tensors(stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, (n, mean, m2) in stats.items():
+        out[f"stats/{k}/count"] = torch.tensor([n], dtype=torch.int64)
+        out[f"stats/{k}/mean"], out[f"stats/{k}/m2"] = mean, m2
+    return out
+
+
+def _differences(old: Any, new: Any, where: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{where}.{k}")]
+    return [] if old == new else [where]
+
+
+def write_store(
+    source: Any,
+    prompts: ChatBatch | Mapping[str, ChatBatch | Sequence[str]],
+    out_dir: str | os.PathLike,
+    *,
+    hooks: str | Sequence[str] = ("resid_post",),
+    layers: int | slice | Sequence[int] | None = None,
+    positions: PositionSpec = "all",
+    shard_tokens: int = 65536,
+    dtype: torch.dtype | str = torch.float32,
+    models: Sequence[str] = ("base", "instruct"),
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Store:
+    """Write (or resume writing) the activations of `models` on `prompts` to a store in `out_dir`; the `Store`.
+
+    source: a `ModelPair` (models `"base"`, `"instruct"`; strings in `prompts` are encoded with it) or a
+    `{name: model}` mapping of hooked models with the same layers and width.
+    prompts: a ChatBatch, or `{set name: ChatBatch or list of instructions}`; rows follow set, prompt, position.
+    hooks, layers: as `probes.activations.record` (short names or templates with `{layer}`; None = all layers).
+    positions: `"all"` (every real token of every prompt, padded batches included) or a spec `record` accepts
+    (`"post_instruction"`, `"user[-1]"`, `"mean(user)"`, a list of these): one row per prompt and column.
+    shard_tokens: rows per shard; memory holds at most one shard plus one batch of rows.
+    dtype: float32 or bfloat16 (activations are captured in float32 and cast when stored).
+    batch_size: prompts per forward; part of the spec, since batch composition decides the last bits of a float.
+    Raises ValueError on bad input before any forward, `StoreError` when `out_dir` holds a store of other
+    inputs or spec (or a damaged shard), FloatingPointError on a non-finite activation.
+    """
+    models_map, pair = _resolve_models(source, models)
+    sets = _resolve_sets(prompts, pair)
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not hooks or len(set(hooks)) != len(hooks) or any(not isinstance(h, str) or "/" in h for h in hooks):
+        raise ValueError(f"hooks must be distinct names without '/', got {hooks!r}")
+    first = next(iter(models_map.values()))
+    n_layers = int(first.cfg.n_layers)
+    layers = resolve_layers(layers, n_layers)
+    for h in hooks:
+        hook_name(h, 0)  # an unknown hook name fails here
+    dtype_name = dtype if isinstance(dtype, str) else {v: k for k, v in DTYPES.items()}.get(dtype)
+    if dtype_name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    positions = _positions_json(positions)
+
+    # The plan: every chunk's row count, which validates the position spec on every prompt before any forward.
+    plan: list[tuple[int, str, int, ChatBatch, int]] = []  # (set index, set name, first prompt, chunk, rows)
+    set_info, labels = [], None
+    for si, (name, batch) in enumerate(sets.items()):
+        for m in models_map.values():
+            check_fits(m, batch)
+        n_rows = 0
+        for start, sub in batch.chunks(batch_size):
+            rows, labels = _chunk_rows(sub, positions)
+            plan.append((si, name, start, sub, rows))
+            n_rows += rows
+        set_info.append({"name": name, "prompts": len(batch), "rows": n_rows})
+    total = sum(p[-1] for p in plan)
+
+    inputs = {
+        "tokens": checkpoints.key([[name, b.input_ids, b.attention_mask, b.roles] for name, b in sets.items()]),
+        "models": {n: checkpoints.fingerprint(m) for n, m in models_map.items()},
+    }
+    spec = {"models": list(models_map), "hooks": hooks, "layers": layers, "positions": positions,
+            "position_labels": labels, "dtype": dtype_name, "shard_tokens": shard_tokens, "batch_size": batch_size}
+
+    out = Path(out_dir)
+    manifest_path = out / MANIFEST
+    shards: list[dict[str, Any]] = []
+    stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    if manifest_path.is_file():
+        old = _read_manifest(out)
+        diffs = _differences(old["inputs"], inputs, "inputs") + _differences(old["spec"], spec, "spec")
+        if diffs:
+            raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
+                             "or delete it")
+        if old["complete"]:
+            return Store(out)
+        for i, entry in enumerate(old["shards"]):  # resume: keep the complete shards after checking each
+            t = _load_shard(out, entry, i)
+            for k in (_act_key(m, h, layer) for m in models_map for h in hooks for layer in layers):
+                part = (entry["rows"], t[f"stats/{k}/mean"], t[f"stats/{k}/m2"])
+                stats[k] = combine(stats[k], part) if k in stats else part
+            del t
+        shards = list(old["shards"])
+    elif out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out} is not empty and holds no {MANIFEST}: not a store to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temporaries of a killed writer
+        stale.unlink(missing_ok=True)
+
+    def manifest(complete: bool, stats_sha: str | None = None) -> dict[str, Any]:
+        return {"format": FORMAT, "inputs": inputs, "spec": spec, "sets": set_info, "rows": total,
+                "complete": complete, "shards": shards, "stats": {"file": STATS, "sha256": stats_sha}}
+
+    _write_json(manifest_path, manifest(False))
+    done = sum(s["rows"] for s in shards)  # rows already in complete shards
+    store_dtype = DTYPES[dtype_name]
+    buffer = _Buffer()
+
+    def flush(n: int) -> None:
+        rows = buffer.take(n)
+        i = len(shards)
+        tensors = {k: v for k, v in rows.items()}
+        for k in [k for k in rows if k not in META]:
+            part = moments(rows[k])
+            tensors[f"stats/{k}/mean"], tensors[f"stats/{k}/m2"] = part[1], part[2]
+            stats[k] = combine(stats[k], part) if k in stats else part
+        first_row = sum(s["rows"] for s in shards)
+        sha = _save(tensors, {"format": FORMAT, "shard": i, "first_row": first_row, "inputs": inputs}, out / shard_name(i))
+        shards.append({"file": shard_name(i), "rows": n, "first_row": first_row, "sha256": sha})
+        _write_json(manifest_path, manifest(False))
+
+    row = 0
+    bar = tqdm(plan, desc=f"store {out.name}", disable=not progress, leave=False)
+    for si, name, start, sub, n_rows in bar:
+        if row + n_rows <= done:  # already stored
+            row += n_rows
+            continue
+        acts: dict[str, torch.Tensor] = {}
+        meta: dict[str, torch.Tensor] = {}
+        for mname in models_map:
+            with pair.on_device(mname) if pair is not None else contextlib.nullcontext(models_map[mname]) as model:
+                got, meta = _capture(model, sub, hooks, layers, positions)
+            for (h, layer), t in got.items():
+                if not bool(torch.isfinite(t).all()):
+                    r = int(torch.nonzero(~torch.isfinite(t))[0, 0])
+                    p = int(meta["prompt"][r])
+                    raise FloatingPointError(f"non-finite {mname} activation at {hook_name(h, layer)} for prompt "
+                                             f"{start + p} of set {name!r}: '{sub.instructions[p][:60]}'")
+                acts[_act_key(mname, h, layer)] = t.to(store_dtype)
+        piece = {**acts, "prompt_id": (meta["prompt"] + start).to(torch.int32),
+                 "position": meta["position"].to(torch.int32), "role": meta["role"].to(torch.uint8),
+                 "set": torch.full((n_rows,), si, dtype=torch.int32)}
+        skip = max(done - row, 0)  # the start of this chunk is already in the last complete shard
+        buffer.add({k: v[skip:] for k, v in piece.items()})
+        row += n_rows
+        while buffer.rows >= shard_tokens:
+            flush(shard_tokens)
+    if buffer.rows:
+        flush(buffer.rows)
+    stats_sha = _save(_stats_tensors(stats), {"format": FORMAT, "inputs": inputs}, out / STATS)
+    _write_json(manifest_path, manifest(True, stats_sha))
+    return Store(out)
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{folder}: no {MANIFEST}, not an activation store")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise StoreError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a {FORMAT} manifest")
+    return data
+
+
+def _read_shard_bytes(folder: Path, entry: dict[str, Any], i: int) -> bytes:
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise StoreError(f"{path}: shard {i} listed in the manifest is missing")
+    data = path.read_bytes()
+    if _sha256(data) != entry["sha256"]:
+        raise StoreError(f"{path}: sha256 mismatch, shard {i} changed or was damaged after it was written")
+    return data
+
+
+def _load_shard(folder: Path, entry: dict[str, Any], i: int) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = _read_shard_bytes(folder, entry, i)
+    try:
+        return load(data)
+    except SafetensorError as exc:
+        raise StoreError(f"{folder / entry['file']}: not a safetensors file ({exc})") from None
+
+
+class Store:
+    """A store folder written by `write_store`, read shard by shard.
+
+    `Store(path)` reads the manifest; a store whose writer has not finished is refused unless `allow_partial`
+    (then only its complete shards are read, and statistics are combined from theirs). Every shard read is
+    checked against the manifest's sha256 and shapes (`StoreError` names the file).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        if not self.manifest["complete"] and not allow_partial:
+            done = sum(s["rows"] for s in self.manifest["shards"])
+            raise StoreError(f"{self.path}: incomplete store ({done} of {self.manifest['rows']} rows); resume it with "
+                             "write_store on the same inputs, or open it with allow_partial=True")
+        self._stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] | None = None
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Store({str(self.path)!r}, rows={self.rows}, shards={len(self)}, models={s['models']}, "
+                f"hooks={s['hooks']}, layers={s['layers']}, dtype={s['dtype']})")
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.manifest["spec"]
+
+    @property
+    def rows(self) -> int:
+        """Rows in the store's complete shards (all rows once the store is complete)."""
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def sets(self) -> list[str]:
+        return [s["name"] for s in self.manifest["sets"]]
+
+    def __len__(self) -> int:
+        return len(self.manifest["shards"])
+
+    def shard(self, i: int) -> dict[str, torch.Tensor]:
+        """Shard `i` as `{"{model}/{hook}/{layer}": [rows, *feature], "prompt_id", "position", "role", "set":
+        [rows], "stats/...": float64}`, checked against the manifest."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"shard {i} of a store with {len(self)} shards")
+        entry = self.manifest["shards"][i]
+        tensors = _load_shard(self.path, entry, i)
+        s = self.spec
+        want = [*META, *(_act_key(m, h, layer) for m in s["models"] for h in s["hooks"] for layer in s["layers"])]
+        for k in want:
+            t = tensors.get(k)
+            if t is None or t.shape[0] != entry["rows"]:
+                raise StoreError(f"{self.path / entry['file']}: {k} missing or not {entry['rows']} rows")
+        return tensors
+
+    def _all_stats(self) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+        if self._stats is not None:
+            return self._stats
+        stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        if self.complete:
+            from safetensors.torch import load
+
+            path = self.path / STATS
+            if not path.is_file():
+                raise StoreError(f"{path}: statistics file missing")
+            data = path.read_bytes()
+            if _sha256(data) != self.manifest["stats"]["sha256"]:
+                raise StoreError(f"{path}: sha256 mismatch, the statistics changed after they were written")
+            flat = load(data)
+            for k in {k.rsplit("/", 1)[0][len("stats/"):] for k in flat}:
+                stats[k] = (int(flat[f"stats/{k}/count"][0]), flat[f"stats/{k}/mean"], flat[f"stats/{k}/m2"])
+        else:
+            for i, entry in enumerate(self.manifest["shards"]):
+                t = self.shard(i)
+                for k in (k for k in t if k not in META and not k.startswith("stats/")):
+                    part = (entry["rows"], t[f"stats/{k}/mean"], t[f"stats/{k}/m2"])
+                    stats[k] = combine(stats[k], part) if k in stats else part
+        self._stats = stats
+        return stats
+
+    def _stat(self, model: str, hook: str, layer: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        s = self.spec
+        if model not in s["models"] or hook not in s["hooks"] or layer not in s["layers"]:
+            raise ValueError(f"({model!r}, {hook!r}, {layer}) is not stored: models {s['models']}, hooks "
+                             f"{s['hooks']}, layers {s['layers']}")
+        got = self._all_stats().get(_act_key(model, hook, layer))
+        if got is None:
+            raise ValueError("no rows stored yet")
+        return got
+
+    def count(self, model: str, hook: str, layer: int) -> int:
+        return self._stat(model, hook, layer)[0]
+
+    def mean(self, model: str, hook: str, layer: int) -> torch.Tensor:
+        """`[*feature]` float64 mean over every stored row."""
+        return self._stat(model, hook, layer)[1]
+
+    def var(self, model: str, hook: str, layer: int, *, correction: int = 1) -> torch.Tensor:
+        """`[*feature]` float64 variance over every stored row; `correction=1` (unbiased) as `torch.var`."""
+        n, _, m2 = self._stat(model, hook, layer)
+        if n - correction <= 0:
+            raise ValueError(f"{n} rows: too few for a variance with correction {correction}")
+        return m2 / (n - correction)
+
+    def iter_batches(
+        self, batch_rows: int, *, models: Sequence[str] | None = None, hook: str | None = None,
+        layers: int | Sequence[int] | None = None, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of `batch_rows` rows, streamed one shard at a time: `{model: activations, "prompt_id",
+        "position", "role", "set": [rows] int64}`.
+
+        activations: `[rows, *feature]` for an int `layers`, `[rows, layer, *feature]` for a list (None = every
+        stored layer), in the store's dtype. hook: None when only one is stored. Batches run across shard
+        boundaries; the last may be short unless `drop_last`. shuffle: shards in a random order and rows shuffled
+        within each shard (a shard-local shuffle, memory stays at one shard), reproducible from `seed`.
+        """
+        s = self.spec
+        if not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+        models = list(s["models"]) if models is None else ([models] if isinstance(models, str) else list(models))
+        missing = [m for m in models if m not in s["models"]]
+        if not models or missing:
+            raise ValueError(f"models {missing or models!r} not stored (stored: {s['models']})")
+        if hook is None:
+            if len(s["hooks"]) != 1:
+                raise ValueError(f"several hooks stored ({s['hooks']}); name one")
+            hook = s["hooks"][0]
+        elif hook not in s["hooks"]:
+            raise ValueError(f"hook {hook!r} not stored (stored: {s['hooks']})")
+        one = isinstance(layers, int)
+        chosen = list(s["layers"]) if layers is None else ([layers] if one else list(layers))
+        bad = [layer for layer in chosen if layer not in s["layers"]]
+        if not chosen or bad:
+            raise ValueError(f"layers {bad or chosen!r} not stored (stored: {s['layers']})")
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen).tolist() if shuffle else list(range(len(self)))
+        buffer = _Buffer()
+        for i in order:
+            t = self.shard(i)
+            piece = {k: t[k].long() for k in META}
+            for m in models:
+                acts = [t[_act_key(m, hook, layer)] for layer in chosen]
+                piece[m] = acts[0] if one else torch.stack(acts, 1)
+            del t
+            if shuffle:
+                perm = torch.randperm(self.manifest["shards"][i]["rows"], generator=gen)
+                piece = {k: v[perm] for k, v in piece.items()}
+            buffer.add(piece)
+            while buffer.rows >= batch_rows:
+                yield buffer.take(batch_rows)
+        if buffer.rows and not drop_last:
+            yield buffer.take(buffer.rows)
