@@ -291,6 +291,8 @@ def write_store(
     shard_tokens: rows per shard; memory holds at most one shard plus one batch of rows.
     dtype: float32 or bfloat16 (activations are captured in float32 and cast when stored).
     batch_size: prompts per forward; part of the spec, since batch composition decides the last bits of a float.
+    Each batch runs through every model in turn (so rows pair up without holding a model's whole output); with an
+    offloaded pair that moves each model to the device once per batch.
     Raises ValueError on bad input before any forward, `StoreError` when `out_dir` holds a store of other
     inputs or spec (or a damaged shard), FloatingPointError on a non-finite activation.
     """
@@ -566,7 +568,8 @@ class Store:
         activations: `[rows, *feature]` for an int `layers`, `[rows, layer, *feature]` for a list (None = every
         stored layer), in the store's dtype. hook: None when only one is stored. Batches run across shard
         boundaries; the last may be short unless `drop_last`. shuffle: shards in a random order and rows shuffled
-        within each shard (a shard-local shuffle, memory stays at one shard), reproducible from `seed`.
+        within each shard (a shard-local shuffle, memory stays at one shard), reproducible from `seed`. Each
+        shard is read whole, to check its sha256, whatever subset of it is asked for.
         """
         s = self.spec
         if not isinstance(batch_rows, int) or batch_rows < 1:
