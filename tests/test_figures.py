@@ -26,6 +26,8 @@ MAIN_JOB_FIGURES = {
     "template_attention": {"mass_post_instruction_harmful", "mass_post_instruction_harmless",
                            "shift_harmful_minus_harmless_base", "shift_harmful_minus_harmless_instruct",
                            "region_bars", "patching", "attention_viewer"},
+    "refusal_geometry": {"harmfulness_vs_refusal", "harmfulness_steering", "cosmic_scores", "steerability",
+                         "steerability_slopes", "frontier", "cone_effects", "repind", "cone_training"},
 }
 
 
