@@ -281,9 +281,12 @@ class Candidates:
 
 
 def candidates(model: Any, harmful: ChatBatch, harmless: ChatBatch, *, layers: Sequence[int] | None = None,
-               batch_size: int = 16, progress: bool = True, model_name: str | None = None) -> Candidates:
+               batch_size: int = 16, progress: bool = True, model_name: str | None = None,
+               distributed: bool = False) -> Candidates:
     """Difference of means harmful - harmless of `resid_pre` at every layer x post-instruction position, streamed
-    (`record(..., keep="mean")`), float64. Both batches must have the same post-instruction length."""
+    (`record(..., keep="mean")`), float64. Both batches must have the same post-instruction length.
+    distributed: under torchrun, the prompts are split over the ranks and the sums all-reduced
+    (`probes.distributed.record`); every rank returns the same Candidates."""
     if len(harmful) == 0 or len(harmless) == 0:
         raise ValueError("candidates need non-empty harmful and harmless sets")
     offsets = harmful.post_instruction_offsets
@@ -291,8 +294,12 @@ def candidates(model: Any, harmful: ChatBatch, harmless: ChatBatch, *, layers: S
         raise ValueError("harmful and harmless prompts have different post-instruction lengths")
     kw = dict(hooks="resid_pre", layers=layers, positions="post_instruction", batch_size=batch_size, keep="mean",
               progress=progress, model_name=model_name)
-    a: Activations = record(model, harmful, **kw)
-    b: Activations = record(model, harmless, **kw)
+    if distributed:
+        from probes.distributed import record as rec
+    else:
+        rec = record
+    a: Activations = rec(model, harmful, **kw)
+    b: Activations = rec(model, harmless, **kw)
     return Candidates(diff=diff_of_means(a, b), harmful_mean=a.mean(), harmless_mean=b.mean(), layers=a.layers,
                       offsets=offsets, model=a.model, counts=dict(harmful=len(harmful), harmless=len(harmless)))
 
@@ -318,9 +325,15 @@ class Sweep:
 
 
 def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: ChatBatch, token_ids: Sequence[int],
-          *, batch_size: int = 16, progress: bool = True, ablation: str = "directional") -> Sweep:
+          *, batch_size: int = 16, progress: bool = True, ablation: str = "directional",
+          distributed: bool = False) -> Sweep:
     """Score every candidate (three forward passes each on the val sets); bypass and KL under `ablation`
-    (`Candidates.ablation`: "directional", Arditi et al.'s, or "affine")."""
+    (`Candidates.ablation`: "directional", Arditi et al.'s, or "affine").
+
+    distributed: under torchrun, each rank scores a contiguous share of the candidates on the whole val sets and
+    every rank returns the full Sweep. Splitting candidates, not prompts, keeps each score exactly the one a single
+    process computes (same batches, same chunks, no mean of means); only the baselines run on every rank.
+    """
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}: one of {ABLATIONS}")
     if len(harmful_val) == 0 or len(harmless_val) == 0:
@@ -331,6 +344,11 @@ def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: C
     shape = (len(cands.layers), len(cands.offsets))
     bypass, induce, kl = (torch.full(shape, math.nan, dtype=torch.float64) for _ in range(3))
     grid = [(li, pi) for li in range(shape[0]) for pi in range(shape[1])]
+    if distributed:
+        from probes import distributed as dist
+
+        grid = dist.shard(grid).items
+        progress = progress and dist.is_main()
     for li, pi in tqdm(grid, desc=f"sweep {cands.model}", disable=not progress, leave=False):
         raw = cands.diff[li, pi]
         if not bool(torch.isfinite(raw).all()) or float(raw.norm()) == 0:
@@ -353,6 +371,11 @@ def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: C
                                 inputs + [harmful_val.input_ids, harmful_val.attention_mask, harmless_val.input_ids,
                                           harmless_val.attention_mask], score)
         bypass[li, pi], kl[li, pi], induce[li, pi] = got["bypass"], got["kl"], got["induce"]
+    if distributed:  # every rank's share, put together: each cell was scored by exactly one rank
+        mine = {cell: (bypass[cell], kl[cell], induce[cell]) for cell in grid}
+        for part in dist.all_gather_object(mine):
+            for cell, (b, k, i) in part.items():
+                bypass[cell], kl[cell], induce[cell] = b, k, i
     return Sweep(bypass, induce, kl, list(cands.layers), list(cands.offsets), baseline_harmful, baseline_harmless)
 
 

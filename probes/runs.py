@@ -5,6 +5,9 @@ A run writes into `.<name>.partial/` beside its target folder and moves it into 
 complete run untouched. A target that already holds a run is refused unless `mode="overwrite"` (the new run replaces
 it whole, once complete) or `mode="resume"` (an interrupted run continues, reusing its finished chunks: see
 `probes.checkpoints`). A lock file beside the target refuses a second writer.
+
+Under torchrun only rank 0 writes the run folder; the other ranks' `Run` writes into a private scratch folder that
+it deletes when the run ends (`probes.distributed`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from probes import provenance
+from probes import distributed, provenance
 from probes.checkpoints import ChunkStore
 from probes.files import atomic_path
 
@@ -124,6 +127,10 @@ class Run:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.target = Path(out) if out is not None else FIGURES_ROOT / experiment / pair.replace("/", "_")
+        self.main = distributed.is_main()
+        if not self.main:
+            self._scratch(experiment, pair, config, mode)
+            return
         if self.target.exists() and not self.target.is_dir():
             raise RunFolderError(f"{self.target} is a file, not a run folder")
         parent = self.target.parent
@@ -153,8 +160,26 @@ class Run:
         self._signals: dict[int, Any] = {}
         self.config = {"experiment": experiment, "pair": pair, **config, "mode": mode, "resumed": self.resumed,
                        "started": _now(), **provenance.environment()}
+        if distributed.world_size() > 1:  # written by rank 0 of this many processes
+            self.config["world_size"] = distributed.world_size()
         write_json(self.partial / "config.json", self.config)
         self._marker("running")
+
+    def _scratch(self, experiment: str, pair: str, config: dict[str, Any], mode: str) -> None:
+        """A rank other than 0 of a multi-process run: everything goes to a private folder, deleted at the end.
+
+        The run's calls work as on rank 0 (results, tensors, figures, direct writes into `dir`), so one script
+        runs on every rank, but nothing reaches the target, no lock is taken and no chunk store is kept.
+        """
+        import tempfile
+
+        self.mode, self.resumed, self.finished = mode, False, False
+        self.partial = self.dir = Path(tempfile.mkdtemp(prefix=f"probes-rank{distributed.rank()}-"))
+        self.chunks = None
+        self._lock = None
+        self.results, self._figures, self._signals = {}, [], {}
+        self.config = {"experiment": experiment, "pair": pair, **config, "mode": mode, "resumed": False,
+                       "started": _now(), "rank": distributed.rank(), "world_size": distributed.world_size()}
 
     def _check_target(self, mode: str) -> None:
         t, partial = self.target, self.partial
@@ -183,6 +208,8 @@ class Run:
                 return
 
     def _marker(self, status: str, **extra: Any) -> None:
+        if not self.main:
+            return
         write_json(self.dir / MARKER, {"status": status, "experiment": self.config["experiment"],
                                        "started": self.config["started"], "updated": _now(), **extra})
 
@@ -216,6 +243,8 @@ class Run:
         if name == "index":
             raise ValueError("'index' is the run's own page; name the figure otherwise")
         path = self.dir / f"{name}.html"
+        if not self.main:  # rank > 0 of a multi-process run: rank 0 writes the same figure
+            return path
         with atomic_path(path) as tmp:
             fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, config=FIGURE_CONFIG)
         if path.name not in self._figures:
@@ -238,6 +267,10 @@ class Run:
         """Mark the run complete and move it into place (replacing the target whole when overwriting)."""
         if self.finished:
             return self.dir
+        if not self.main:  # rank > 0: its scratch goes; the target is rank 0's
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.dir, self.finished = self.target, True
+            return self.target
         shutil.rmtree(self.partial / "chunks", ignore_errors=True)  # resume scratch: the results hold it all
         self.write_index()
         files = {p.name: provenance.file_sha256(p) for p in sorted(self.partial.iterdir())
@@ -260,6 +293,9 @@ class Run:
         """Leave the partial folder for `--resume`, marked with why it stopped; the target is untouched."""
         if self.finished:
             return
+        if not self.main:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
         with contextlib.suppress(OSError):
             self._marker(status, **({"error": error} if error else {}))
         self._lock.release()
@@ -268,7 +304,7 @@ class Run:
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the partial folder is marked interrupted.
             self._signals[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
-        self._activation = self.chunks.activate()
+        self._activation = self.chunks.activate() if self.chunks is not None else contextlib.nullcontext()
         self._activation.__enter__()
         return self
 

@@ -1,0 +1,100 @@
+"""One rank of the data-parallel checks in test_distributed.py (run by `python -m torch.distributed.run`).
+
+Each rank writes what it returned to `<out>/rank<r>.safetensors` + `.json`; the test compares them with one
+process's results. Arguments: <out folder>.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+from probes import distributed as dist  # noqa: E402
+from probes import toy  # noqa: E402
+from probes.pairs import load_pair  # noqa: E402
+from probes.refusal import candidates, refusal_tokens, sweep  # noqa: E402
+from probes.runs import Run  # noqa: E402
+
+# The sets and sizes the test recomputes in one process (kept here, imported by the test).
+N_RECORD, BATCH = 22, 4  # 33 prompts, 9 chunks of 4 (the last of 1): rank 0 takes 5 chunks, rank 1 four
+N_CANDS, N_VAL = 16, 8
+TARGETS = [3, 5, 7]
+
+
+def batches(pair):
+    harmful, harmless = toy.prompts("harmful", "train"), toy.prompts("harmless", "train")
+    return dict(record=pair.encode(harmful[:N_RECORD] + harmless[:N_RECORD][::2]),
+                harmful=pair.encode(harmful[:N_CANDS]), harmless=pair.encode(harmless[:N_CANDS]),
+                harmful_val=pair.encode(toy.prompts("harmful", "val")[:N_VAL]),
+                harmless_val=pair.encode(toy.prompts("harmless", "val")[:N_VAL]))
+
+
+def main(out: Path) -> None:
+    assert dist.init(), "not launched by torchrun"
+    r, w = dist.rank(), dist.world_size()
+    pair = load_pair("toy")
+    b = batches(pair)
+    tensors: dict[str, torch.Tensor] = {}
+    facts: dict = {"rank": r, "world_size": w, "is_main": dist.is_main()}
+
+    # Collectives.
+    facts["all_reduce"] = dist.all_reduce_sum_float64(torch.tensor([r + 1.0, 0.5], dtype=torch.float32)).tolist()
+    facts["all_reduce_dtype"] = str(dist.all_reduce_sum_float64(torch.ones(1)).dtype)
+    facts["gather"] = dist.gather_object({"rank": r})
+    facts["all_gather"] = dist.all_gather_object(r * 10)
+    part = dist.shard_batch(b["record"], BATCH)
+    facts["shard"] = [part.start, part.stop, part.bounds]
+    dist.barrier()
+
+    model = pair.instruct
+    means = dist.record(model, b["record"], "resid_pre", None, "post_instruction", batch_size=BATCH, keep="mean",
+                        progress=False)
+    tensors["record_mean/sum"] = means.sums["resid_pre"]
+    facts["record_mean"] = dict(count=means.count, tensors=means.tensors is None, prompts=means.prompts)
+    kept = dist.record(model, b["record"], ["resid_post", "blocks.{layer}.attn.hook_z"], [0, 2], "post_instruction[-1]",
+                       batch_size=BATCH, keep="all", progress=False)
+    tensors |= {f"record_all/{h}": t for h, t in kept.tensors.items()}
+    tensors |= {f"record_all_sum/{h}": t for h, t in kept.sums.items()}
+
+    lens = dist.logit_lens(model, b["record"], positions="post_instruction", targets=TARGETS, batch_size=BATCH,
+                           progress=False)
+    tensors |= {f"lens/{k}": v for k, v in lens.tensors().items()}
+    local = dist.logit_lens(model, b["record"], positions="post_instruction", targets=TARGETS, batch_size=BATCH,
+                            progress=False, gather=False)
+    facts["lens_local_rows"] = int(local.entropy.shape[0])
+    tensors |= {f"lens_means/{k}": v for k, v in dist.lens_means(local).items()}
+    paired = dist.paired_lens(pair, b["record"], positions="post_instruction[-1]", batch_size=BATCH, progress=False)
+    tensors |= {f"paired/{k}": v for k, v in paired.tensors().items()}
+    plocal = dist.paired_lens(pair, b["record"], positions="post_instruction[-1]", batch_size=BATCH, progress=False,
+                              gather=False)
+    tensors |= {f"paired_means/{k}": v for k, v in dist.lens_means(plocal).items()}
+
+    tok = refusal_tokens(pair.tokenizer)
+    cands = candidates(model, b["harmful"], b["harmless"], batch_size=BATCH, progress=False, distributed=True)
+    tensors["cands/diff"] = cands.diff
+    sw = sweep(model, cands, b["harmful_val"], b["harmless_val"], tok, batch_size=BATCH, progress=False,
+               distributed=True)
+    tensors |= {"sweep/bypass": sw.bypass, "sweep/induce": sw.induce, "sweep/kl": sw.kl}
+    facts["sweep_baselines"] = [sw.baseline_harmful, sw.baseline_harmless]
+
+    # Every rank opens the same run folder; only rank 0's writes may land there.
+    with Run("dist_check", "toy", {"rank_opened": r}, out=out / "run") as run:
+        facts["run_dir"] = str(run.dir)
+        run.update(rank=r)
+        run.save_tensors("mine", {"rank": torch.tensor([r])})
+        (run.dir / "direct.txt").write_text(str(r))
+    facts["run_dir_exists_after"] = Path(facts["run_dir"]).exists()
+    dist.barrier()
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{r}.safetensors"))
+    (out / f"rank{r}.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

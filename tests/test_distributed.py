@@ -1,0 +1,259 @@
+"""probes.distributed: the helpers on one process, and 2 gloo processes (torchrun) against one process.
+
+Tolerances: float64 sums and means to 1e-12 relative (only the order chunk sums are added in differs); per-prompt
+activations kept by `record` bitwise (each rank runs the very chunks one process runs); lens and sweep numbers to
+float32 rounding (rtol 1e-6), token ids and ranks exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from probes import distributed as dist
+from probes.runs import Run
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dist_worker as W  # noqa: E402
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def single(monkeypatch):
+    """A plain process: no launcher variables."""
+    for k in LAUNCH_ENV:
+        monkeypatch.delenv(k, raising=False)
+
+
+def as_rank(monkeypatch, r: int, w: int) -> None:
+    """The variables torchrun sets, without a process group (enough for what reads only the rank)."""
+    monkeypatch.setenv("RANK", str(r))
+    monkeypatch.setenv("WORLD_SIZE", str(w))
+    monkeypatch.setenv("LOCAL_RANK", str(r))
+
+
+# ------------------------------------------------------------------------------------------ one process: no-ops
+def test_helpers_are_noops_on_one_process(single):
+    assert (dist.rank(), dist.world_size(), dist.local_rank(), dist.is_main(), dist.launched()) == (0, 1, 0, True, False)
+    assert dist.init() is False and not torch.distributed.is_initialized()
+    x = torch.tensor([1.5, -2.0], dtype=torch.float32)
+    y = dist.all_reduce_sum_float64(x)
+    assert y.dtype == torch.float64 and y.tolist() == [1.5, -2.0] and y.data_ptr() != x.data_ptr()
+    assert dist.gather_object({"a": 1}) == [{"a": 1}] and dist.all_gather_object(3) == [3]
+    dist.barrier()
+    s = dist.shard(list(range(7)), block=2)
+    assert (s.items, s.start, s.stop, s.bounds, s.total) == (list(range(7)), 0, 7, [(0, 7)], 7)
+
+
+def test_shard_planted_bounds():
+    items = list(range(10))
+    parts = [dist.shard(items, block=3, rank=r, world_size=3) for r in range(3)]
+    # 4 blocks (3, 3, 3, 1) over 3 ranks: the first rank takes the extra block.
+    assert all(p.bounds == [(0, 6), (6, 9), (9, 10)] for p in parts)
+    assert [p.items for p in parts] == [[0, 1, 2, 3, 4, 5], [6, 7, 8], [9]]
+    # Fewer blocks than ranks: the last ranks get nothing, the cover stays contiguous.
+    few = [dist.shard(items[:3], block=2, rank=r, world_size=4) for r in range(4)]
+    assert [(p.start, p.stop) for p in few] == [(0, 2), (2, 3), (3, 3), (3, 3)]
+    t = torch.arange(12).reshape(6, 2)
+    assert torch.equal(dist.shard(t, rank=1, world_size=2).items, t[3:])
+
+
+def test_shard_bad_input():
+    with pytest.raises(ValueError, match="block"):
+        dist.shard([1, 2], block=0)
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        dist.shard([1, 2], rank=2, world_size=2)
+
+
+def test_shard_batch_blocks(monkeypatch, toy_batch):
+    # 33 prompts, batch 4 over 2 ranks: cut on chunk boundaries.
+    as_rank(monkeypatch, 1, 2)
+    part = dist.shard_batch(toy_batch, 4)
+    assert part.bounds == [(0, 20), (20, 33)] and part.items.instructions == toy_batch.instructions[20:]
+    # More ranks than chunks: blocks of ceil(n / world) rows instead.
+    as_rank(monkeypatch, 0, 3)
+    assert dist.shard_batch(toy_batch, 32).bounds == [(0, 11), (11, 22), (22, 33)]
+    as_rank(monkeypatch, 0, 40)
+    with pytest.raises(ValueError, match="33 prompts for 40 processes"):
+        dist.shard_batch(toy_batch, 4)
+
+
+def test_collectives_need_the_group(monkeypatch):
+    as_rank(monkeypatch, 1, 2)
+    assert not dist.is_main() and dist.world_size() == 2
+    with pytest.raises(RuntimeError, match="call probes.distributed.init"):
+        dist.all_reduce_sum_float64(torch.ones(2))
+    with pytest.raises(RuntimeError, match="call probes.distributed.init"):
+        dist.gather_object(1)
+
+
+def test_init_rejects_unknown_backend(monkeypatch):
+    as_rank(monkeypatch, 0, 1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        dist.init("tcp")
+
+
+# --------------------------------------------------------------------------------------- Run on ranks other than 0
+def test_run_on_rank_1_writes_nothing_there(monkeypatch, tmp_path):
+    as_rank(monkeypatch, 1, 2)
+    with Run("dist_check", "toy", {"x": 1}, out=tmp_path / "run") as run:
+        scratch = run.dir
+        run.update(a=1)
+        run.save_tensors("t", {"x": torch.ones(2)})
+        (run.dir / "direct.txt").write_text("1")
+        assert not str(scratch).startswith(str(tmp_path)) and (scratch / "t.safetensors").is_file()
+    assert list(tmp_path.iterdir()) == [] and not scratch.exists()  # no target, no lock, no partial folder
+    with pytest.raises(KeyError), Run("dist_check", "toy", {}, out=tmp_path / "run") as run:
+        scratch = run.dir
+        raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == [] and not scratch.exists()
+
+
+def test_run_on_rank_0_records_world_size(monkeypatch, tmp_path):
+    as_rank(monkeypatch, 0, 2)
+    with Run("dist_check", "toy", {}, out=tmp_path / "run") as run:
+        run.update(a=1)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------ 2 processes vs one process
+@pytest.fixture(scope="module")
+def pair():
+    from probes.pairs import load_pair
+
+    return load_pair("toy")
+
+
+@pytest.fixture(scope="module")
+def toy_batch(pair):
+    return W.batches(pair)["record"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks' returns: [(tensors, facts)] in rank order, from one `torchrun --nproc-per-node 2` on gloo."""
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(Path(W.__file__)), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, [(load_file(str(out / f"rank{r}.safetensors")), json.loads((out / f"rank{r}.json").read_text()))
+                 for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    """The same calls in one process, through the single-process functions."""
+    from probes.activations import record
+    from probes.lens import logit_lens, paired_lens
+    from probes.refusal import candidates, refusal_tokens, sweep
+
+    b, m, bs = W.batches(pair), pair.instruct, W.BATCH
+    out: dict[str, torch.Tensor] = {}
+    means = record(m, b["record"], "resid_pre", None, "post_instruction", batch_size=bs, keep="mean", progress=False)
+    out["record_mean/sum"] = means.sums["resid_pre"]
+    kept = record(m, b["record"], ["resid_post", "blocks.{layer}.attn.hook_z"], [0, 2], "post_instruction[-1]",
+                  batch_size=bs, progress=False)
+    out |= {f"record_all/{h}": t for h, t in kept.tensors.items()}
+    out |= {f"record_all_sum/{h}": t for h, t in kept.sums.items()}
+    lens = logit_lens(m, b["record"], positions="post_instruction", targets=W.TARGETS, batch_size=bs, progress=False)
+    out |= {f"lens/{k}": v for k, v in lens.tensors().items()}
+    out |= {f"lens_means/{k}": v for k, v in dist.lens_means(lens).items()}
+    paired = paired_lens(pair, b["record"], positions="post_instruction[-1]", batch_size=bs, progress=False)
+    out |= {f"paired/{k}": v for k, v in paired.tensors().items()}
+    out |= {f"paired_means/{k}": v for k, v in dist.lens_means(paired).items()}
+    cands = candidates(m, b["harmful"], b["harmless"], batch_size=bs, progress=False)
+    out["cands/diff"] = cands.diff
+    sw = sweep(m, cands, b["harmful_val"], b["harmless_val"], refusal_tokens(pair.tokenizer), batch_size=bs,
+               progress=False)
+    out |= {"sweep/bypass": sw.bypass, "sweep/induce": sw.induce, "sweep/kl": sw.kl}
+    return out, [sw.baseline_harmful, sw.baseline_harmless], b
+
+
+def f64_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+def test_two_ranks_collectives_and_shards(two_ranks, reference):
+    _, ranks = two_ranks
+    n = len(reference[2]["record"])
+    for r, (_, facts) in enumerate(ranks):
+        assert (facts["rank"], facts["world_size"], facts["is_main"]) == (r, 2, r == 0)
+        assert facts["all_reduce"] == [3.0, 1.0] and facts["all_reduce_dtype"] == "torch.float64"
+        assert facts["all_gather"] == [0, 10]
+        assert facts["shard"][2] == [[0, 20], [20, n]] and facts["shard"][:2] == facts["shard"][2][r]
+    assert ranks[0][1]["gather"] == [{"rank": 0}, {"rank": 1}] and ranks[1][1]["gather"] is None
+
+
+def test_two_ranks_record_equals_one_process(two_ranks, reference):
+    _, ranks = two_ranks
+    ref, _, b = reference
+    for got, facts in ranks:
+        f64_close(got["record_mean/sum"], ref["record_mean/sum"])
+        assert facts["record_mean"] == dict(count=len(b["record"]), tensors=True, prompts=b["record"].instructions)
+        for h in ("resid_post", "blocks.{layer}.attn.hook_z"):
+            assert torch.equal(got[f"record_all/{h}"], ref[f"record_all/{h}"])  # the same chunks: bitwise
+            f64_close(got[f"record_all_sum/{h}"], ref[f"record_all_sum/{h}"])
+        f64_close(got["cands/diff"], ref["cands/diff"])
+
+
+def test_two_ranks_lens_equals_one_process(two_ranks, reference):
+    _, ranks = two_ranks
+    ref = reference[0]
+    keys = [k for k in ref if k.startswith(("lens/", "paired/"))]
+    assert {"lens/topk_ids", "lens/target_rank", "paired/kl_instruct_base", "paired/first_diff_layer"} <= set(keys)
+    for got, facts in ranks:
+        assert facts["lens_local_rows"] == 20 - 7 * facts["rank"]  # gather=False kept this rank's rows only
+        for k in keys:
+            assert got[k].shape == ref[k].shape and got[k].dtype == ref[k].dtype, k
+            if ref[k].is_floating_point():
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6, msg=k)
+            else:
+                assert torch.equal(got[k], ref[k]), k
+        means = [k for k in ref if k.startswith(("lens_means/", "paired_means/"))]
+        assert {"lens_means/entropy", "lens_means/target_logprob", "paired_means/kl_base_instruct"} <= set(means)
+        for k in means:  # all-reduced from each rank's shard vs taken over the whole result
+            f64_close(got[k], ref[k])
+
+
+def test_two_ranks_sweep_equals_one_process(two_ranks, reference):
+    _, ranks = two_ranks
+    ref, baselines, _ = reference
+    for got, facts in ranks:
+        for k in ("sweep/bypass", "sweep/induce", "sweep/kl"):
+            # Layer 0's resid_pre is the embedding of the same template tokens in both sets: no direction, NaN.
+            assert not bool(torch.isfinite(ref[k][0]).any()) and bool(torch.isfinite(ref[k][1:]).all())
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6, equal_nan=True, msg=k)
+        torch.testing.assert_close(torch.tensor(facts["sweep_baselines"]), torch.tensor(baselines), rtol=1e-6, atol=0)
+
+
+def test_two_ranks_only_rank_0_writes_the_run(two_ranks):
+    out, ranks = two_ranks
+    run = out / "run"
+    assert {p.name for p in out.iterdir()} == {"run", ".run.lock"} | {f"rank{r}.{e}" for r in range(2)
+                                                                    for e in ("json", "safetensors")}
+    assert json.loads((run / "results.json").read_text()) == {"rank": 0}
+    assert (run / "direct.txt").read_text() == "0"
+    config = json.loads((run / "config.json").read_text())
+    assert config["rank_opened"] == 0 and config["world_size"] == 2
+    assert ranks[0][1]["run_dir"] == str(out / ".run.partial") and not (out / ".run.partial").exists()
+    assert not ranks[1][1]["run_dir"].startswith(str(out)) and not ranks[1][1]["run_dir_exists_after"]
