@@ -167,6 +167,37 @@ class ChatBatch:
         return torch.stack(out, dim=1), labels
 
 
+def concat(batches: Sequence[ChatBatch]) -> ChatBatch:
+    """The rows of `batches` in order, as one left-padded ChatBatch (shorter batches get more left padding).
+
+    The batches must share template mode and tokenizer; responses are kept when every batch has them. Pad positions
+    are masked, so each row's real tokens, roles and post-instruction offsets are those it had alone.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches to concatenate")
+    first = batches[0]
+    if any(b.template != first.template for b in batches):
+        raise ValueError("cannot concatenate template and raw batches")
+    if any(b.tokenizer is not first.tokenizer for b in batches):
+        raise ValueError("cannot concatenate batches of different tokenizers")
+    seq = max(b.seq_len for b in batches)
+    tok = first.tokenizer
+    pad_id = 0 if tok is None else tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (seq - t.shape[1], 0), value=value)
+
+    systems = {b.system for b in batches}
+    return ChatBatch(
+        input_ids=torch.cat([left_pad(b.input_ids, pad_id) for b in batches]),
+        attention_mask=torch.cat([left_pad(b.attention_mask, 0) for b in batches]),
+        roles=torch.cat([left_pad(b.roles, ROLE_ID["pad"]) for b in batches]),
+        instructions=[t for b in batches for t in b.instructions],
+        responses=None if any(b.responses is None for b in batches) else [r for b in batches for r in b.responses],
+        template=first.template, tokenizer=tok, system=systems.pop() if len(systems) == 1 else None)
+
+
 def read_chat_template(source: str | os.PathLike) -> str:
     """A chat template from a `.jinja` file, a `tokenizer_config.json` (its `chat_template`; the first template
     when it is a list of named ones), or the template text itself. Raises ValueError naming the file."""

@@ -307,12 +307,67 @@ def candidates(model: Any, harmful: ChatBatch, harmless: ChatBatch, *, layers: S
 # --------------------------------------------------------------------------------------------- sweep and selection
 
 @dataclass
+class Screen:
+    """How `sweep` screens candidates to first order before scoring only the promising ones exactly.
+
+    The selection criteria (`kl_max`, `induce_min`, `fallback`) must be those `select` is then called with.
+    band, per_band, kl_factor: in every band of `band` consecutive layers, the `per_band` candidates of lowest
+    estimated bypass among those whose estimated KL is at most `kl_factor` x `kl_max` are scored exactly (bypass
+    and KL); induce is scored exactly where the exact KL passes (only those can pass `select`'s filters).
+    kl_tokens, kl_samples: the KL estimate's exact top tokens and sampled tail tokens per prompt (one backward pass
+    each, see `sweep`). seed: the tail tokens' sampler.
+    verify: go on scoring, in estimated-bypass order, every candidate that could still be the choice with each
+    unmeasured score widened by `margin` x the largest error of its estimate among the exactly scored ones (relative
+    to the candidate's edit size with `errors="relative"`; infinite until `min_checks` of them), and score all
+    candidates when that needs more than `max_frac` of them. Without it those candidates are only counted
+    (`Sweep.screen["open"]`): on real models the estimates' errors are wide, so verification mostly ends exhaustive.
+    """
+
+    kl_max: float = 0.1
+    induce_min: float = 0.0
+    fallback: bool = False
+    band: int = 4
+    per_band: int = 4
+    kl_factor: float = 4.0
+    kl_tokens: int = 2
+    kl_samples: int = 4
+    seed: int = 0
+    verify: bool = False
+    margin: float = 1.5
+    errors: str = "relative"
+    min_checks: int = 3
+    max_frac: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("band", "per_band", "min_checks"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Screen.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_tokens", "kl_samples"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"Screen.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kl_factor >= 1.0:
+            raise ValueError(f"Screen.kl_factor must be >= 1, got {self.kl_factor}")
+        if not self.margin >= 1.0:
+            raise ValueError(f"Screen.margin must be >= 1 (a multiple of the largest error seen), got {self.margin}")
+        if not 0 < self.max_frac <= 1:
+            raise ValueError(f"Screen.max_frac must be in (0, 1], got {self.max_frac}")
+        if self.errors not in ("relative", "absolute"):
+            raise ValueError(f"Screen.errors must be 'relative' or 'absolute', got {self.errors!r}")
+        if not (math.isfinite(self.kl_max) and math.isfinite(self.induce_min)):
+            raise ValueError("Screen.kl_max and Screen.induce_min must be finite")
+
+
+@dataclass
 class Sweep:
-    """Per-candidate scores on the validation sets, each `[layer, position]` float64.
+    """Per-candidate scores on the validation sets, each `[layer, position]` float64 (NaN: not scored).
 
     bypass: mean refusal score on harmful val with the candidate ablated; induce: mean refusal score on harmless
     val with the raw difference added at its layer; kl: mean first-token KL(baseline || ablated) on harmless val.
     baseline_*: the un-intervened mean refusal scores.
+    scored / induce_scored: `[layer, position]` bool, where bypass and KL / induce were measured exactly.
+    estimate: the screen's first-order `{"bypass", "induce", "kl"}` `[layer, position]` (None: exhaustive sweep).
+    forwards / backwards: batched forward / backward passes run (chunks of at most `batch_size` prompts; chunks
+    read back from a run's store cost none). screen: how the screen decided (`_verify`'s record).
     """
 
     bypass: torch.Tensor
@@ -322,61 +377,350 @@ class Sweep:
     offsets: list[int]
     baseline_harmful: float
     baseline_harmless: float
+    scored: torch.Tensor | None = None
+    induce_scored: torch.Tensor | None = None
+    estimate: dict[str, torch.Tensor] | None = None
+    forwards: int = 0
+    backwards: int = 0
+    screen: dict[str, Any] = field(default_factory=dict)
+
+    def screen_order(self) -> list[tuple[int, int]]:
+        """(layer, offset) of the screened candidates, best estimated bypass first."""
+        if self.estimate is None:
+            raise ValueError("an exhaustive sweep has no screen order")
+        est = self.estimate["bypass"]
+        cells = torch.nonzero(torch.isfinite(est)).tolist()
+        cells.sort(key=lambda c: float(est[c[0], c[1]]))
+        return [(self.layers[li], self.offsets[pi]) for li, pi in cells]
+
+
+def _candidate_mask(cands: Candidates, layer_bound: float | None) -> torch.Tensor:
+    """`[layer, position]` bool: candidates that are a direction (finite, non-zero) at a layer below the bound."""
+    norms = cands.diff.norm(dim=-1)
+    ok = torch.isfinite(cands.diff).all(-1) & (norms > 0)
+    if layer_bound is not None:
+        ok &= torch.tensor([layer < layer_bound for layer in cands.layers])[:, None]
+    return ok
+
+
+def _first_order(model: Any, cands: Candidates, cells: list[list[int]], harmful: ChatBatch, harmless: ChatBatch,
+                 token_ids: Sequence[int], ablation: str, screen: Screen, batch_size: int, count: dict[str, int]
+                 ) -> dict[str, torch.Tensor]:
+    """The screen's estimates for `cells` (`[C]` each, float64) and the clean forwards' outputs.
+
+    One forward per val chunk with the residual writes (directional) or the `resid_pre`s (affine, and the
+    addition) captured; gradients of each chunk's summed functionals w.r.t. them (prompts do not interact, so each
+    row's gradient is its own prompt's). For candidate r̂ with writes x_w: ablation changes a functional f by
+    `-sum_w sum_pos (grad_w f . r̂)(x_w . r̂)` to first order (affine, at resid_pre k >= its layer: `(x_k . r̂ - c_k)`
+    in place of `x_w . r̂`); addition of r at layer l by `sum_pos grad_l f . r`.
+    KL: its first-order term vanishes at the clean point (the KL's minimum), so its second-order term
+    `1/2 sum_y p_y (d log p_y)^2` (the Fisher quadratic form) is estimated, exactly over each prompt's `kl_tokens`
+    most likely tokens and by `kl_samples` tokens drawn from the rest (weighted by its mass: unbiased for that
+    part), one backward pass per token.
+    """
+    d_model = int(model.cfg.d_model)
+    r_hat = torch.stack([unit(cands.diff[li, pi]) for li, pi in cells]).float()  # [C, d]
+    raw = torch.stack([cands.diff[li, pi] for li, pi in cells]).float()  # [C, d]
+    c_layer = torch.tensor([li for li, _ in cells])  # candidate's layer index
+    pre = [f"blocks.{layer}.hook_resid_pre" for layer in cands.layers]
+    if ablation == "directional":
+        from probes.directions import residual_write_hooks
+
+        edited = residual_write_hooks(model)
+        shift = None
+    else:  # affine: resid_pre of every candidate layer j >= the candidate's, projection set to c_j
+        edited = pre
+        shift = torch.stack([cands.harmless_mean[:, pi].float() @ r_hat[c] for c, (_, pi) in enumerate(cells)], 1)
+    if r_hat.shape[1] != d_model:
+        raise ValueError(f"candidates have {r_hat.shape[1]} dims, the model {d_model}")
+    gen = torch.Generator().manual_seed(screen.seed)
+    sums = {k: torch.zeros(len(cells), dtype=torch.float64) for k in ("bypass", "induce", "kl", "harmful", "harmless")}
+    clean: dict[str, list[torch.Tensor]] = {"harmful": [], "harmless": []}
+
+    def run(batch: ChatBatch, which: str) -> None:
+        for _, sub in batch.chunks(batch_size):
+            acts: dict[str, torch.Tensor] = {}
+
+            def grab(name: str) -> Any:
+                def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                    if not act.requires_grad:  # the embedding: where the graph w.r.t. activations starts
+                        act = act.detach().requires_grad_(True)
+                    acts[name] = act
+                    return act
+                return fn
+
+            names = list(dict.fromkeys(edited + pre))
+            logits = last_logits(model, sub, [(n, grab(n)) for n in names], batch_size=len(sub), grad=True)
+            count["forward"] += 1
+            clean[which].append(logits.detach())
+            proj = {n: acts[n].detach().float() @ r_hat.T for n in edited}  # [b, seq, C]
+            if shift is not None:
+                proj = {n: proj[n] - shift[j] for j, n in enumerate(edited)}
+            real = sub.attention_mask.float()[..., None]  # [b, seq, 1]
+            for j, n in enumerate(edited):  # the edit's size: sum of squared removed components on real tokens
+                part = (proj[n] ** 2 * real).sum((0, 1)).double()
+                sums[which] += part if shift is None else part * (j >= c_layer)
+
+            def grads(f: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+                count["backward"] += 1
+                return torch.autograd.grad(f, [acts[n] for n in names], retain_graph=True)
+
+            def ablation_delta(f: torch.Tensor) -> torch.Tensor:  # [b, C]
+                out = torch.zeros(len(sub), len(cells), dtype=torch.float64)
+                for j, (n, g) in enumerate(zip(edited, grads(f, edited))):
+                    term = ((g.float() @ r_hat.T) * proj[n]).sum(1).double()
+                    out -= term if shift is None else term * (j >= c_layer)
+                return out
+
+            score = refusal_score(logits, token_ids)
+            if which == "harmful":
+                sums["bypass"] += ablation_delta(score.sum()).sum(0)
+                continue
+            g_pre = torch.stack([g.float().sum(1) for g in grads(score.sum(), pre)])  # [layer, b, d]
+            sums["induce"] += torch.einsum("cbd,cd->bc", g_pre[c_layer], raw).double().sum(0)
+            logp = logits.double().log_softmax(-1)
+            p = logp.detach().exp()
+            top = p.topk(min(screen.kl_tokens, p.shape[1] - 1), dim=-1).indices
+            kl2 = torch.zeros(len(sub), len(cells), dtype=torch.float64)
+            for k in range(top.shape[1]):
+                d = ablation_delta(logp.gather(1, top[:, k:k + 1]).sum())
+                kl2 += 0.5 * p.gather(1, top[:, k:k + 1]) * d ** 2
+            tail = p.scatter(1, top, 0.0)
+            mass = tail.sum(-1, keepdim=True)
+            for _ in range(screen.kl_samples):
+                y = torch.multinomial(tail / mass, 1, generator=gen)
+                d = ablation_delta(logp.gather(1, y).sum())
+                kl2 += 0.5 * mass * d ** 2 / screen.kl_samples
+            sums["kl"] += kl2.sum(0)
+
+    run(harmful, "harmful")
+    run(harmless, "harmless")
+    harm_logits, less_logits = torch.cat(clean["harmful"]), torch.cat(clean["harmless"])
+    base_h = refusal_score(harm_logits, token_ids).mean()
+    base_l = refusal_score(less_logits, token_ids).mean()
+    return dict(bypass=base_h + sums["bypass"] / len(harmful), induce=base_l + sums["induce"] / len(harmless),
+                size_harmful=sums["harmful"] / len(harmful), size_harmless=sums["harmless"] / len(harmless),
+                kl=sums["kl"] / len(harmless), harmful_logits=harm_logits, harmless_logits=less_logits)
 
 
 def sweep(model: Any, cands: Candidates, harmful_val: ChatBatch, harmless_val: ChatBatch, token_ids: Sequence[int],
           *, batch_size: int = 16, progress: bool = True, ablation: str = "directional",
-          distributed: bool = False) -> Sweep:
-    """Score every candidate (three forward passes each on the val sets); bypass and KL under `ablation`
-    (`Candidates.ablation`: "directional", Arditi et al.'s, or "affine").
+          screen: Screen | None = None, layer_bound: float | None = None, distributed: bool = False) -> Sweep:
+    """Score the candidates on the val sets; bypass and KL under `ablation` (`Candidates.ablation`: "directional",
+    Arditi et al.'s, or "affine").
 
-    distributed: under torchrun, each rank scores a contiguous share of the candidates on the whole val sets and
-    every rank returns the full Sweep. Splitting candidates, not prompts, keeps each score exactly the one a single
-    process computes (same batches, same chunks, no mean of means); only the baselines run on every rank.
+    Exact scores: bypass and KL in one forward of harmful + harmless val concatenated (under the same ablation
+    hooks), induce in a second: two passes per candidate.
+    layer_bound: candidates at layers >= it (`layer_cutoff(...)`, which `select` will never choose) are not scored
+    (NaN); None scores the full grid.
+    screen: None scores every candidate exactly (Arditi et al.'s sweep). A `Screen` first estimates every
+    candidate's bypass, induce and KL from one forward and a few backward passes per val chunk (`_first_order`),
+    then scores exactly only the few per layer band that its estimates rank best (see `Screen`); unscored
+    candidates stay NaN (`scored`, `induce_scored`), so `select` chooses among the scored ones. The screen is a
+    heuristic: its choice equals the exhaustive sweep's wherever the exhaustive choice ranks among the `per_band`
+    best estimates of its band (tests and `benchmarks/refusal_sweep.py` check it on the toy pair, tiny random
+    pairs, a real SmolLM2 and a 135M-sized random one); `Screen(verify=True)` adds exact scores until error bounds
+    rule out every other candidate.
+    distributed: under torchrun, each rank scores a contiguous share of the candidates exactly (all of them, or the
+    screen's initial set) on the whole val sets, and every rank returns the full Sweep. Splitting candidates, not
+    prompts, keeps each score exactly the one a single process computes (same batches, same chunks, no mean of
+    means). The baselines, the screen's estimates and its one-at-a-time verification run on every rank; rank 0's
+    verification is what every rank returns. forwards / backwards then sum all ranks' passes.
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}: one of {ABLATIONS}")
     if len(harmful_val) == 0 or len(harmless_val) == 0:
         raise ValueError("the sweep needs non-empty harmful and harmless validation sets")
-    base_harmless = last_logits(model, harmless_val, batch_size=batch_size)
-    baseline_harmful = float(score_prompts(model, harmful_val, token_ids, batch_size=batch_size).mean())
-    baseline_harmless = float(refusal_score(base_harmless, token_ids).mean())
+    if screen is not None and not isinstance(screen, Screen):
+        raise ValueError(f"screen must be a Screen or None, got {type(screen).__name__}")
+    if layer_bound is not None and not math.isfinite(float(layer_bound)):
+        raise ValueError(f"layer_bound must be finite or None, got {layer_bound}")
+    from probes.chat import concat
+
+    if not len(token_ids):
+        raise ValueError("no refusal token ids")
+    both = concat([harmful_val, harmless_val])
+    n_harm = len(harmful_val)
+    count = {"forward": 0, "backward": 0}
     shape = (len(cands.layers), len(cands.offsets))
+    valid = _candidate_mask(cands, layer_bound)
+    cells = torch.nonzero(valid).tolist()
+    val_inputs = [harmful_val.input_ids, harmful_val.attention_mask, harmless_val.input_ids,
+                  harmless_val.attention_mask]
+
+    def logits_of(batch: ChatBatch, hooks: Hooks) -> torch.Tensor:
+        count["forward"] += len(batch.chunks(batch_size))
+        return last_logits(model, batch, hooks, batch_size=batch_size)
+
+    est = None
+    if screen is None:
+        got = checkpoints.chunk("sweep-baseline", model, dict(tokens=list(token_ids)), val_inputs,
+                                lambda: {"harmless_logits": logits_of(harmless_val, ()),
+                                         "harmful_logits": logits_of(harmful_val, ())})
+        base_harmless = got["harmless_logits"]
+        baseline_harmful = float(refusal_score(got["harmful_logits"], token_ids).mean())
+    else:
+        if not cells:
+            raise ValueError("no candidate to screen (every one is zero, non-finite or past the layer bound)")
+
+        def first() -> dict[str, torch.Tensor]:
+            return _first_order(model, cands, cells, harmful_val, harmless_val, token_ids, ablation, screen,
+                                batch_size, count)
+
+        got = checkpoints.chunk("sweep-screen", model, dict(ablation=ablation, tokens=list(token_ids), cells=cells,
+                                                            kl=[screen.kl_tokens, screen.kl_samples, screen.seed]),
+                                [cands.diff, cands.harmless_mean, *val_inputs], first)
+        base_harmless = got["harmless_logits"]
+        baseline_harmful = float(refusal_score(got["harmful_logits"], token_ids).mean())
+        est = {k: torch.full(shape, math.nan, dtype=torch.float64)
+               for k in ("bypass", "induce", "kl", "size_harmful", "size_harmless", "size_added")}
+        at = tuple(torch.tensor(cells).T)
+        for k in ("bypass", "induce", "kl", "size_harmful", "size_harmless"):
+            est[k][at] = got[k]
+        est["size_added"][at] = cands.diff[at].norm(dim=-1) ** 2
+    baseline_harmless = float(refusal_score(base_harmless, token_ids).mean())
+
     bypass, induce, kl = (torch.full(shape, math.nan, dtype=torch.float64) for _ in range(3))
-    grid = [(li, pi) for li in range(shape[0]) for pi in range(shape[1])]
+    scored, induce_scored = torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
+
+    def key_of(li: int, pi: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        key, inputs = dict(layer=cands.layers[li], tokens=list(token_ids)), [cands.diff[li, pi]]
+        if ablation != "directional":  # keys of directional sweeps stay as they were: their stores still resume
+            key["ablation"], inputs = ablation, [cands.diff[li, pi], cands.harmless_mean[li:, pi]]
+        return key, inputs + val_inputs
+
+    def bypass_kl(li: int, pi: int) -> dict[str, torch.Tensor]:
+        logits = logits_of(both, cands.ablation(model, cands.layers[li], cands.offsets[pi], ablation))
+        return {"bypass": refusal_score(logits[:n_harm], token_ids).mean(),
+                "kl": first_token_kl(base_harmless, logits[n_harm:]).mean()}
+
+    def added(li: int, pi: int) -> dict[str, torch.Tensor]:
+        hooks = addition_hooks(model, cands.diff[li, pi], cands.layers[li])
+        return {"induce": refusal_score(logits_of(harmless_val, hooks), token_ids).mean()}
+
+    def measure(li: int, pi: int, what: str) -> None:
+        key, inputs = key_of(li, pi)
+        if what == "all":  # one chunk of all three scores, as stores of earlier sweeps hold them
+            got = checkpoints.chunk("sweep", model, key, inputs, lambda: bypass_kl(li, pi) | added(li, pi))
+        elif what == "bypass_kl":
+            got = checkpoints.chunk("sweep-bypass-kl", model, key, inputs, lambda: bypass_kl(li, pi))
+        else:
+            got = checkpoints.chunk("sweep-induce", model, key, inputs, lambda: added(li, pi))
+        if "bypass" in got:
+            bypass[li, pi], kl[li, pi], scored[li, pi] = got["bypass"], got["kl"], True
+        if "induce" in got:
+            induce[li, pi], induce_scored[li, pi] = got["induce"], True
+
+    tensors = (bypass, kl, induce, scored, induce_scored)
+
+    def measure_all(todo: list[list[int]], what: str, desc: str) -> None:
+        """Exact scores of `todo`; under torchrun each rank measures its share and every rank gets all of them."""
+        mine = dist.shard(todo).items if distributed else todo
+        for li, pi in tqdm(mine, desc=desc, disable=not (progress and (not distributed or dist.is_main())),
+                           leave=False):
+            measure(li, pi, what)
+        if distributed:
+            _share_cells(dist, [tuple(c) for c in mine], tensors)
+
     if distributed:
         from probes import distributed as dist
+    info: dict[str, Any] = {}
+    if screen is None:
+        measure_all(cells, "all", f"sweep {cands.model}")
+    else:
+        info = _verify(screen, est, valid, cands.layers, bypass, kl, induce, scored, induce_scored, measure,
+                       progress, cands.model, measure_all)
+    if distributed:  # rank 0's verification for all; every rank's passes, summed
+        every = [t.tolist() for t in tensors]
+        for t, v in zip(tensors, dist.all_gather_object(every)[0]):
+            t.copy_(torch.tensor(v, dtype=t.dtype))
+        parts = dist.all_gather_object(dict(count))
+        count.update({k: sum(p[k] for p in parts) for k in count})
+        info = dist.all_gather_object(info)[0]
+    return Sweep(bypass, induce, kl, list(cands.layers), list(cands.offsets), baseline_harmful, baseline_harmless,
+                 scored=scored, induce_scored=induce_scored, estimate=est, forwards=count["forward"],
+                 backwards=count["backward"], screen=info)
 
-        grid = dist.shard(grid).items
-        progress = progress and dist.is_main()
-    for li, pi in tqdm(grid, desc=f"sweep {cands.model}", disable=not progress, leave=False):
-        raw = cands.diff[li, pi]
-        if not bool(torch.isfinite(raw).all()) or float(raw.norm()) == 0:
-            continue  # a zero difference is no direction: leave its scores NaN (never selected)
 
-        def score(raw: torch.Tensor = raw, layer: int = cands.layers[li], offset: int = cands.offsets[pi]
-                  ) -> dict[str, torch.Tensor]:
-            abl = cands.ablation(model, layer, offset, ablation)
-            ablated = last_logits(model, harmless_val, abl, batch_size=batch_size)
-            add = addition_hooks(model, raw, layer)
-            return {"bypass": score_prompts(model, harmful_val, token_ids, abl, batch_size=batch_size).mean(),
-                    "kl": first_token_kl(base_harmless, ablated).mean(),
-                    "induce": score_prompts(model, harmless_val, token_ids, add, batch_size=batch_size).mean()}
+def _share_cells(dist: Any, mine: list[tuple[int, int]], tensors: Sequence[torch.Tensor]) -> None:
+    """Every rank's measured cells of `tensors` (`[layer, position]` each), written into every rank's copies."""
+    parts = dist.all_gather_object({c: [t[c].item() for t in tensors] for c in mine})
+    for part in parts:
+        for cell, values in part.items():
+            for t, v in zip(tensors, values):
+                t[cell] = v
 
-        # A scored candidate is kept in the active run's store, so an interrupted sweep resumes after it.
-        key, inputs = dict(layer=cands.layers[li], tokens=list(token_ids)), [raw]
-        if ablation != "directional":  # keys of directional sweeps stay as they were: their stores still resume
-            key["ablation"], inputs = ablation, [raw, cands.harmless_mean[li:, pi]]
-        got = checkpoints.chunk("sweep", model, key,
-                                inputs + [harmful_val.input_ids, harmful_val.attention_mask, harmless_val.input_ids,
-                                          harmless_val.attention_mask], score)
-        bypass[li, pi], kl[li, pi], induce[li, pi] = got["bypass"], got["kl"], got["induce"]
-    if distributed:  # every rank's share, put together: each cell was scored by exactly one rank
-        mine = {cell: (bypass[cell], kl[cell], induce[cell]) for cell in grid}
-        for part in dist.all_gather_object(mine):
-            for cell, (b, k, i) in part.items():
-                bypass[cell], kl[cell], induce[cell] = b, k, i
-    return Sweep(bypass, induce, kl, list(cands.layers), list(cands.offsets), baseline_harmful, baseline_harmless)
+
+def _verify(screen: Screen, est: dict[str, torch.Tensor], valid: torch.Tensor, layers: list[int],
+            bypass: torch.Tensor, kl: torch.Tensor, induce: torch.Tensor, scored: torch.Tensor,
+            induce_scored: torch.Tensor, measure: Any, progress: bool, name: str, measure_all: Any
+            ) -> dict[str, Any]:
+    """The screen's exact scores (see `Screen`); fills the score tensors in place through `measure(li, pi, what)`
+    (one candidate) and `measure_all(cells, what, desc)` (a set, split over ranks). Returns the decision's record."""
+    inf = math.inf
+    e_b, e_k, e_i = (est[k].nan_to_num(nan=inf) for k in ("bypass", "kl", "induce"))
+    plausible = valid & (e_k <= screen.kl_factor * screen.kl_max)
+    order = sorted(torch.nonzero(plausible).tolist(), key=lambda c: float(e_b[c[0], c[1]]))
+    start = [c for lo in range(0, valid.shape[0], screen.band)
+             for c in [c for c in order if lo <= c[0] < lo + screen.band][: screen.per_band]]
+    measure_all(start, "bypass_kl", f"sweep {name} (screened: bypass and KL)")
+    passing = [c for c in start if float(kl[c[0], c[1]]) <= screen.kl_max]
+    measure_all(passing, "induce", f"sweep {name} (screened: induce)")
+
+    # Each estimate's error bound, per candidate: `margin` x the largest error seen among exactly measured ones,
+    # relative to a scale of the candidate's edit (its second-order remainder grows with the edit's square: the
+    # removed components' squared size for bypass, |r|^2 for induce; KL's own estimate), or absolute.
+    scales = dict(bypass=est["size_harmful"], kl=est["kl"], induce=est["size_added"])
+    if screen.errors == "absolute":
+        scales = {k: torch.ones_like(v) for k, v in scales.items()}
+
+    def bound(key: str, exact: torch.Tensor, known: torch.Tensor) -> tuple[float, torch.Tensor]:
+        scale = scales[key].clamp_min(1e-30)
+        if int(known.sum()) < screen.min_checks:
+            return inf, torch.full_like(scale, inf)
+        ratio = screen.margin * float(((exact[known] - est[key][known]).abs() / scale[known]).max())
+        return ratio, ratio * scale
+
+    def still_open() -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """`[layer, position]` bool: candidates whose widened scores could still make them the choice; their bypass
+        lower bounds; the bounds' error ratios."""
+        (rb, mb), (rk, mk), (ri, mi) = (bound("bypass", bypass, scored), bound("kl", kl, scored),
+                                        bound("induce", induce, induce_scored))
+        lo_b = torch.where(scored, bypass, e_b - mb).nan_to_num(nan=-inf)
+        lo_k = torch.where(scored, kl, e_k - mk).nan_to_num(nan=-inf)
+        hi_i = torch.where(induce_scored, induce, e_i + mi).nan_to_num(nan=inf)
+        certain = scored & induce_scored & (kl <= screen.kl_max) & (induce >= screen.induce_min)
+        best = float(bypass[certain].min()) if bool(certain.any()) else inf
+        could = valid & ~certain & (lo_k <= screen.kl_max) & (hi_i >= screen.induce_min) & (lo_b < best)
+        if not bool(could.any()) and screen.fallback and not bool(certain.any()):
+            pool = scored & (kl <= screen.kl_max)
+            best = float(bypass[pool].min()) if bool(pool.any()) else inf
+            could = valid & ~scored & (lo_k <= screen.kl_max) & (lo_b < best)
+        return could & ~(scored & induce_scored), lo_b, dict(bypass=rb, kl=rk, induce=ri)
+
+    rounds, exhaustive = 0, False
+    could, lo_b, ratios = still_open()
+    bar = tqdm(desc=f"sweep {name} (screened: verification)", disable=not (progress and screen.verify), leave=False)
+    while screen.verify and bool(could.any()):
+        li, pi = divmod(int(torch.argmin(lo_b.masked_fill(~could, inf))), valid.shape[1])
+        if not bool(scored[li, pi]) and int(scored.sum()) + 1 > screen.max_frac * int(valid.sum()):
+            exhaustive = True  # the estimates decide too little: every candidate exactly, as the exhaustive sweep
+            for li, pi in torch.nonzero(valid).tolist():
+                for what, done in (("bypass_kl", scored), ("induce", induce_scored)):
+                    if not bool(done[li, pi]):
+                        measure(li, pi, what)
+            break
+        measure(li, pi, "induce" if bool(scored[li, pi]) else "bypass_kl")
+        bar.update()
+        rounds += 1
+        could, lo_b, ratios = still_open()
+    bar.close()
+    if exhaustive:
+        could = torch.zeros_like(valid)
+    return dict(error_ratios=ratios, open=int(could.sum()), verified=screen.verify, exhaustive=exhaustive,
+                rounds=rounds, initial=[[layers[li], pi] for li, pi in start], n_scored=int(scored.sum()),
+                n_induce=int(induce_scored.sum()), n_candidates=int(valid.sum()),
+                criteria=dict(kl_max=screen.kl_max, induce_min=screen.induce_min, fallback=screen.fallback))
 
 
 @dataclass

@@ -16,13 +16,14 @@ torch.set_num_threads(1)
 from probes import distributed as dist  # noqa: E402
 from probes import toy  # noqa: E402
 from probes.pairs import load_pair  # noqa: E402
-from probes.refusal import candidates, refusal_tokens, sweep  # noqa: E402
+from probes.refusal import Screen, candidates, layer_cutoff, refusal_tokens, sweep  # noqa: E402
 from probes.runs import Run  # noqa: E402
 
 # The sets and sizes the test recomputes in one process (kept here, imported by the test).
 N_RECORD, BATCH = 22, 4  # 33 prompts, 9 chunks of 4 (the last of 1): rank 0 takes 5 chunks, rank 1 four
 N_CANDS, N_VAL = 16, 8
 TARGETS = [3, 5, 7]
+SCREEN = Screen(kl_max=10.0, induce_min=-100.0, max_frac=1.0)  # every candidate passes: lowest exact bypass
 
 
 def batches(pair):
@@ -80,6 +81,11 @@ def main(out: Path) -> None:
                distributed=True)
     tensors |= {"sweep/bypass": sw.bypass, "sweep/induce": sw.induce, "sweep/kl": sw.kl}
     facts["sweep_baselines"] = [sw.baseline_harmful, sw.baseline_harmless]
+    fast = sweep(model, cands, b["harmful_val"], b["harmless_val"], tok, batch_size=BATCH, progress=False,
+                 distributed=True, screen=SCREEN, layer_bound=layer_cutoff(int(model.cfg.n_layers)))
+    tensors |= {"screened/bypass": fast.bypass, "screened/induce": fast.induce, "screened/kl": fast.kl,
+                "screened/scored": fast.scored, "screened/induce_scored": fast.induce_scored}
+    facts["screened_passes"] = [fast.forwards, fast.backwards]
 
     # Every rank opens the same run folder; only rank 0's writes may land there.
     with Run("dist_check", "toy", {"rank_opened": r}, out=out / "run") as run:

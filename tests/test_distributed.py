@@ -164,7 +164,7 @@ def reference(pair):
     """The same calls in one process, through the single-process functions."""
     from probes.activations import record
     from probes.lens import logit_lens, paired_lens
-    from probes.refusal import candidates, refusal_tokens, sweep
+    from probes.refusal import candidates, layer_cutoff, refusal_tokens, sweep
 
     b, m, bs = W.batches(pair), pair.instruct, W.BATCH
     out: dict[str, torch.Tensor] = {}
@@ -185,6 +185,11 @@ def reference(pair):
     sw = sweep(m, cands, b["harmful_val"], b["harmless_val"], refusal_tokens(pair.tokenizer), batch_size=bs,
                progress=False)
     out |= {"sweep/bypass": sw.bypass, "sweep/induce": sw.induce, "sweep/kl": sw.kl}
+    fast = sweep(m, cands, b["harmful_val"], b["harmless_val"], refusal_tokens(pair.tokenizer), batch_size=bs,
+                 progress=False, screen=W.SCREEN, layer_bound=layer_cutoff(int(m.cfg.n_layers)))
+    out |= {"screened/bypass": fast.bypass, "screened/induce": fast.induce, "screened/kl": fast.kl,
+            "screened/scored": fast.scored, "screened/induce_scored": fast.induce_scored}
+    out["screened_passes"] = torch.tensor([fast.forwards, fast.backwards])
     return out, [sw.baseline_harmful, sw.baseline_harmless], b
 
 
@@ -244,6 +249,22 @@ def test_two_ranks_sweep_equals_one_process(two_ranks, reference):
             assert not bool(torch.isfinite(ref[k][0]).any()) and bool(torch.isfinite(ref[k][1:]).all())
             torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6, equal_nan=True, msg=k)
         torch.testing.assert_close(torch.tensor(facts["sweep_baselines"]), torch.tensor(baselines), rtol=1e-6, atol=0)
+
+
+def test_two_ranks_screened_sweep_equals_one_process(two_ranks, reference):
+    """The screen's initial exact set split over the ranks: the same cells scored, the same scores; the passes
+    summed over ranks (each also runs the baselines, the estimates and the verification rounds)."""
+    _, ranks = two_ranks
+    ref = reference[0]
+    assert int(ref["screened/scored"].sum()) > 1
+    for got, facts in ranks:
+        for k in ("screened/scored", "screened/induce_scored"):
+            assert torch.equal(got[k], ref[k]), k
+        for k in ("screened/bypass", "screened/induce", "screened/kl"):
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6, equal_nan=True, msg=k)
+        fwd, bwd = facts["screened_passes"]
+        assert int(ref["screened_passes"][0]) < fwd < 2 * int(ref["screened_passes"][0])
+        assert bwd == 2 * int(ref["screened_passes"][1])
 
 
 def test_two_ranks_only_rank_0_writes_the_run(two_ranks):

@@ -60,6 +60,10 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mask-massive", type=float, default=None, metavar="FACTOR",
                    help="zero massive-activation dimensions (harmless mean over FACTOR x the median magnitude) in "
                         "the candidates; 0 keeps the raw difference. Default: the pair's registry setting, else 0")
+    p.add_argument("--exhaustive-sweep", action="store_true",
+                   help="score every candidate of the full layer x position grid exactly (Arditi et al.'s sweep) "
+                        "instead of screening them to first order and scoring exactly only the few per layer band "
+                        "the estimates rank best, below the layer cut-off")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-orthogonalized", action="store_true",
@@ -146,6 +150,12 @@ def _stop(run: Run, status: str, reason: str, t0: float) -> None:
     print(f"{status}: {reason}")
 
 
+def _screen_record(info: dict) -> dict:
+    """The screen's record as JSON (an error bound not yet known is infinite: null)."""
+    ratios = {k: None if v == float("inf") else v for k, v in info.get("error_ratios", {}).items()}
+    return {k: v for k, v in info.items() if k != "error_ratios"} | ({"error_ratios": ratios} if info else {})
+
+
 def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list[str]]], t0: float) -> None:
     pair = load_pair_for(run, args)
     tok_ids = refusal.refusal_tokens(pair.tokenizer, args.refusal_phrases)
@@ -175,11 +185,21 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
             cands = cands.mask_massive(args.mask_massive)
         run.update(ablation=args.ablation, mask_massive=args.mask_massive,
                    masked_dims={str(k): v for k, v in cands.masked.items()})
+        screen, bound = None, None
+        if not args.exhaustive_sweep:  # the same criteria as the selection below: the screen keeps its choice
+            screen = refusal.Screen(kl_max=args.kl_max, induce_min=args.induce_min, fallback=args.fallback)
+            bound = refusal.layer_cutoff(L, args.max_layer_frac, args.cutoff)
         scores = refusal.sweep(inst, cands, b["val"]["harmful"], b["val"]["harmless"], tok_ids, batch_size=bs,
-                               ablation=args.ablation)
+                               ablation=args.ablation, screen=screen, layer_bound=bound)
         run.update(sweep=dict(layers=scores.layers, positions=scores.offsets, bypass=_nan_none(scores.bypass),
                               induce=_nan_none(scores.induce), kl=_nan_none(scores.kl),
-                              baseline_harmful=scores.baseline_harmful, baseline_harmless=scores.baseline_harmless))
+                              baseline_harmful=scores.baseline_harmful, baseline_harmless=scores.baseline_harmless,
+                              exhaustive=args.exhaustive_sweep, layer_bound=bound, forwards=scores.forwards,
+                              backwards=scores.backwards, scored=scores.scored.tolist(),
+                              induce_scored=scores.induce_scored.tolist(),
+                              estimate=None if scores.estimate is None else
+                              {k: _nan_none(v) for k, v in scores.estimate.items()},
+                              screen=_screen_record(scores.screen)))
         try:
             sel = refusal.select(scores, L, max_layer_frac=args.max_layer_frac, kl_max=args.kl_max,
                                  induce_min=args.induce_min, fallback=args.fallback, cutoff=args.cutoff)

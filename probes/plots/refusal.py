@@ -16,8 +16,9 @@ def sweep_heatmaps(bypass, induce, kl, *, layers: Sequence[int], offsets: Sequen
     each with its own colour bar and every cell's value written in it.
 
     Scores are refusal log-odds (diverging, centred on 0); KL is sequential. `chosen` = (layer, offset) is framed,
-    so its number stays readable. Layers with no candidate at all (all NaN: resid_pre of block 0, the embedding,
-    whose harmful - harmless mean is not a direction of the model's own) are left out and named in a note.
+    so its number stays readable. Layers with no scored candidate at all (all NaN: resid_pre of block 0, the embedding,
+    whose harmful - harmless mean is not a direction of the model's own; layers a sweep left unscored past the
+    layer cut-off) are left out and named in a note.
     """
     arrays = [_arr(z) for z in (bypass, induce, kl)]
     keep = [i for i in range(len(layers)) if any(np.isfinite(a[i]).any() for a in arrays)]
@@ -47,7 +48,9 @@ def sweep_heatmaps(bypass, induce, kl, *, layers: Sequence[int], offsets: Sequen
         notes.append(f"framed: the chosen direction (layer {chosen[0]}, offset {chosen[1]})")
     if dropped:
         why = " (resid_pre of block 0 is the token embedding)" if dropped == [0] else ""
-        notes.append(f"layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}: no candidate{why}")
+        notes.append(f"layer{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}: no candidate scored{why}")
+    if any(not np.isfinite(a[keep]).all() for a in arrays):
+        notes.append("n/a: not scored (left out by a screened sweep, or no direction)")
     fig.update_layout(title=dict(text=(title or "refusal direction candidates")
                                  + (f"<br><sup>{'; '.join(notes)}</sup>" if notes else "")),
                       margin=dict(t=110), height=max(420, 70 * len(keep) + 220))
