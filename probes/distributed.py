@@ -8,6 +8,8 @@ so every rank returns what a single process would have returned:
 - `logit_lens` / `paired_lens`: per-prompt results gathered in prompt order; `lens_means` reduces means over
   prompts without gathering (with `gather=False`).
 - the refusal sweep: `probes.refusal.sweep(..., distributed=True)` splits the candidates, not the prompts.
+- `write_store`: each rank writes the activation shards of its share of the batches into its own folder of the
+  store; rank 0 writes the manifest and the combined statistics.
 
 Shards are cut on `batch_size` boundaries, so each rank runs exactly the chunks (same rows, same padding) that a
 single process runs: per-prompt activations are bitwise those of one process, and float64 sums differ from its
@@ -323,3 +325,13 @@ def _mean(x: torch.Tensor, sharded: bool) -> torch.Tensor:
     if sharded:
         total, count = all_reduce_sum_float64(total), all_reduce_sum_float64(count)
     return total / count
+
+
+# ------------------------------------------------------------------------------------------------------- store
+def write_store(source: Any, prompts: Any, out_dir: Any, **kwargs: Any) -> Any:
+    """`probes.store.write_store(source, prompts, out_dir, distributed=True, **kwargs)`: each rank writes (or
+    resumes) its contiguous share of the batches as its own shards, rank 0 the manifest and statistics; every rank
+    returns the whole `probes.store.Store`, which reads as the single-process store of the same arguments."""
+    from probes.store import write_store as _write_store
+
+    return _write_store(source, prompts, out_dir, distributed=True, **kwargs)

@@ -20,6 +20,15 @@ again resumes after the last listed shard, recomputing from the batch that holds
 same batch boundaries, so the shards come out byte-identical to an uninterrupted write. A store whose inputs or
 spec differ is refused, never mixed. Nothing is pickled.
 
+Written by several processes (`write_store(..., distributed=True)` under torchrun), rank r writes its
+contiguous share of the rows as `rank-0000r/shard-*.safetensors`, listed in its own `rank-0000r/part.json`
+(resumed as above, by the same rank of a launch with as many processes), and rank 0 writes `manifest.json`
+and `stats.safetensors` once every part is done: the manifest lists every part's shards in rank order by their
+path in the store (`"rank-00001/shard-00000.safetensors"`) plus a `writers` entry per rank. Shard boundaries
+then differ from one process's (each part starts a new shard); rows, their order, prompt ids, inputs and spec do
+not, so `Store` reads it as the single-process store (format 1: its reader already took a shard's file name as
+a path inside the store).
+
 Statistics are those of the stored values (after the cast to the store's dtype), so they describe exactly what
 the reader yields. The manifest holds the statistics file's hash rather than the numbers: as JSON they would be
 megabytes for a real model (models x hooks x layers x d_model float64).
@@ -32,7 +41,8 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -45,12 +55,16 @@ from probes.chat import ROLE_ID, ChatBatch, check_position_spec
 from probes.files import atomic_path
 
 FORMAT = "probes.store/1"
+PART_FORMAT = "probes.store.part/1"
 MANIFEST = "manifest.json"
+PART = "part.json"
 STATS = "stats.safetensors"
 META = ("prompt_id", "position", "role", "set")
 _RESERVED = (*META, "stats")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _MEAN = re.compile(r"^mean\(([a-z_]+)\)$")
+_PART_DIR = re.compile(r"^rank-\d{5}$")
+_TEMPORARY = re.compile(r"^\..*\.tmp$")
 
 
 class StoreError(ValueError):
@@ -266,36 +280,35 @@ def _differences(old: Any, new: Any, where: str) -> list[str]:
     return [] if old == new else [where]
 
 
-def write_store(
-    source: Any,
-    prompts: ChatBatch | Mapping[str, ChatBatch | Sequence[str]],
-    out_dir: str | os.PathLike,
-    *,
-    hooks: str | Sequence[str] = ("resid_post",),
-    layers: int | slice | Sequence[int] | None = None,
-    positions: PositionSpec = "all",
-    shard_tokens: int = 65536,
-    dtype: torch.dtype | str = torch.float32,
-    models: Sequence[str] = ("base", "instruct"),
-    batch_size: int = 16,
-    progress: bool = True,
-) -> Store:
-    """Write (or resume writing) the activations of `models` on `prompts` to a store in `out_dir`; the `Store`.
+@dataclass
+class _Job:
+    """What a write needs, validated: the models, the prompt sets, the plan of batches and the manifest's
+    inputs and spec (the same on every rank of a distributed write)."""
 
-    source: a `ModelPair` (models `"base"`, `"instruct"`; strings in `prompts` are encoded with it) or a
-    `{name: model}` mapping of hooked models with the same layers and width.
-    prompts: a ChatBatch, or `{set name: ChatBatch or list of instructions}`; rows follow set, prompt, position.
-    hooks, layers: as `probes.activations.record` (short names or templates with `{layer}`; None = all layers).
-    positions: `"all"` (every real token of every prompt, padded batches included) or a spec `record` accepts
-    (`"post_instruction"`, `"user[-1]"`, `"mean(user)"`, a list of these): one row per prompt and column.
-    shard_tokens: rows per shard; memory holds at most one shard plus one batch of rows.
-    dtype: float32 or bfloat16 (activations are captured in float32 and cast when stored).
-    batch_size: prompts per forward; part of the spec, since batch composition decides the last bits of a float.
-    Each batch runs through every model in turn (so rows pair up without holding a model's whole output); with an
-    offloaded pair that moves each model to the device once per batch.
-    Raises ValueError on bad input before any forward, `StoreError` when `out_dir` holds a store of other
-    inputs or spec (or a damaged shard), FloatingPointError on a non-finite activation.
-    """
+    models: dict[str, Any]
+    pair: Any
+    hooks: list[str]
+    layers: list[int]
+    positions: Any
+    dtype: torch.dtype
+    shard_tokens: int
+    plan: list[tuple[int, str, int, ChatBatch, int]]  # (set index, set name, first prompt, batch, rows)
+    set_info: list[dict[str, Any]]
+    inputs: dict[str, Any]
+    spec: dict[str, Any]
+
+    @property
+    def total(self) -> int:
+        return sum(p[-1] for p in self.plan)
+
+    def keys(self) -> list[str]:
+        return [_act_key(m, h, layer) for m in self.models for h in self.hooks for layer in self.layers]
+
+
+def _prepare(source: Any, prompts: Any, hooks: Any, layers: Any, positions: PositionSpec, shard_tokens: Any,
+             dtype: Any, models: Sequence[str], batch_size: Any) -> _Job:
+    """Every check that needs no forward, and the plan of batches (which validates the position spec on every
+    prompt)."""
     models_map, pair = _resolve_models(source, models)
     sets = _resolve_sets(prompts, pair)
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
@@ -315,8 +328,8 @@ def write_store(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     positions = _positions_json(positions)
 
-    # The plan: every chunk's row count, which validates the position spec on every prompt before any forward.
-    plan: list[tuple[int, str, int, ChatBatch, int]] = []  # (set index, set name, first prompt, chunk, rows)
+    # The plan: every batch's row count, which validates the position spec on every prompt before any forward.
+    plan: list[tuple[int, str, int, ChatBatch, int]] = []
     set_info, labels = [], None
     for si, (name, batch) in enumerate(sets.items()):
         for m in models_map.values():
@@ -327,47 +340,42 @@ def write_store(
             plan.append((si, name, start, sub, rows))
             n_rows += rows
         set_info.append({"name": name, "prompts": len(batch), "rows": n_rows})
-    total = sum(p[-1] for p in plan)
-
     inputs = {
         "tokens": checkpoints.key([[name, b.input_ids, b.attention_mask, b.roles] for name, b in sets.items()]),
         "models": {n: checkpoints.fingerprint(m) for n, m in models_map.items()},
     }
     spec = {"models": list(models_map), "hooks": hooks, "layers": layers, "positions": positions,
             "position_labels": labels, "dtype": dtype_name, "shard_tokens": shard_tokens, "batch_size": batch_size}
+    return _Job(models=models_map, pair=pair, hooks=hooks, layers=layers, positions=positions,
+                dtype=DTYPES[dtype_name], shard_tokens=shard_tokens, plan=plan, set_info=set_info, inputs=inputs,
+                spec=spec)
 
-    out = Path(out_dir)
-    manifest_path = out / MANIFEST
-    shards: list[dict[str, Any]] = []
+
+def _resume_stats(folder: Path, shards: list[dict[str, Any]], keys: list[str],
+                  ) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+    """The statistics of the complete shards listed, from their own, after checking each shard's sha256."""
     stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
-    if manifest_path.is_file():
-        old = _read_manifest(out)
-        diffs = _differences(old["inputs"], inputs, "inputs") + _differences(old["spec"], spec, "spec")
-        if diffs:
-            raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
-                             "or delete it")
-        if old["complete"]:
-            return Store(out)
-        for i, entry in enumerate(old["shards"]):  # resume: keep the complete shards after checking each
-            t = _load_shard(out, entry, i)
-            for k in (_act_key(m, h, layer) for m in models_map for h in hooks for layer in layers):
-                part = (entry["rows"], t[f"stats/{k}/mean"], t[f"stats/{k}/m2"])
-                stats[k] = combine(stats[k], part) if k in stats else part
-            del t
-        shards = list(old["shards"])
-    elif out.exists() and any(out.iterdir()):
-        raise StoreError(f"{out} is not empty and holds no {MANIFEST}: not a store to resume")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temporaries of a killed writer
+    for i, entry in enumerate(shards):
+        t = _load_shard(folder, entry, i)
+        for k in keys:
+            part = (entry["rows"], t[f"stats/{k}/mean"], t[f"stats/{k}/m2"])
+            stats[k] = combine(stats[k], part) if k in stats else part
+        del t
+    return stats
+
+
+def _clean_temporaries(folder: Path) -> None:
+    for stale in folder.glob(".*.tmp"):  # temporaries of a killed writer
         stale.unlink(missing_ok=True)
 
-    def manifest(complete: bool, stats_sha: str | None = None) -> dict[str, Any]:
-        return {"format": FORMAT, "inputs": inputs, "spec": spec, "sets": set_info, "rows": total,
-                "complete": complete, "shards": shards, "stats": {"file": STATS, "sha256": stats_sha}}
 
-    _write_json(manifest_path, manifest(False))
+def _fill(job: _Job, folder: Path, batches: Sequence[tuple[int, str, int, ChatBatch, int]], first_row: int,
+          shards: list[dict[str, Any]], stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]],
+          save_manifest: Any, shard_meta: dict[str, Any], progress: bool, desc: str) -> None:
+    """Write the rows of `batches` (whose first row is row `first_row` of the store) as shards in `folder`,
+    after the rows already in its complete `shards`; `shards` and `stats` are extended in place and
+    `save_manifest()` is called after every shard, so the shard is on disk before a manifest lists it."""
     done = sum(s["rows"] for s in shards)  # rows already in complete shards
-    store_dtype = DTYPES[dtype_name]
     buffer = _Buffer()
 
     def flush(n: int) -> None:
@@ -378,42 +386,270 @@ def write_store(
             part = moments(rows[k])
             tensors[f"stats/{k}/mean"], tensors[f"stats/{k}/m2"] = part[1], part[2]
             stats[k] = combine(stats[k], part) if k in stats else part
-        first_row = sum(s["rows"] for s in shards)
-        sha = _save(tensors, {"format": FORMAT, "shard": i, "first_row": first_row, "inputs": inputs}, out / shard_name(i))
-        shards.append({"file": shard_name(i), "rows": n, "first_row": first_row, "sha256": sha})
-        _write_json(manifest_path, manifest(False))
+        first = first_row + sum(s["rows"] for s in shards)
+        sha = _save(tensors, {"format": FORMAT, "shard": i, "first_row": first, "inputs": job.inputs, **shard_meta},
+                    folder / shard_name(i))
+        shards.append({"file": shard_name(i), "rows": n, "first_row": first, "sha256": sha})
+        save_manifest()
 
-    row = 0
-    bar = tqdm(plan, desc=f"store {out.name}", disable=not progress, leave=False)
-    for si, name, start, sub, n_rows in bar:
+    row = 0  # rows of `batches` passed so far
+    for si, name, start, sub, n_rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
         if row + n_rows <= done:  # already stored
             row += n_rows
             continue
         acts: dict[str, torch.Tensor] = {}
         meta: dict[str, torch.Tensor] = {}
-        for mname in models_map:
-            with pair.on_device(mname) if pair is not None else contextlib.nullcontext(models_map[mname]) as model:
-                got, meta = _capture(model, sub, hooks, layers, positions)
+        for mname in job.models:
+            pair = job.pair
+            with pair.on_device(mname) if pair is not None else contextlib.nullcontext(job.models[mname]) as model:
+                got, meta = _capture(model, sub, job.hooks, job.layers, job.positions)
             for (h, layer), t in got.items():
                 if not bool(torch.isfinite(t).all()):
                     r = int(torch.nonzero(~torch.isfinite(t))[0, 0])
                     p = int(meta["prompt"][r])
                     raise FloatingPointError(f"non-finite {mname} activation at {hook_name(h, layer)} for prompt "
                                              f"{start + p} of set {name!r}: '{sub.instructions[p][:60]}'")
-                acts[_act_key(mname, h, layer)] = t.to(store_dtype)
+                acts[_act_key(mname, h, layer)] = t.to(job.dtype)
         piece = {**acts, "prompt_id": (meta["prompt"] + start).to(torch.int32),
                  "position": meta["position"].to(torch.int32), "role": meta["role"].to(torch.uint8),
                  "set": torch.full((n_rows,), si, dtype=torch.int32)}
-        skip = max(done - row, 0)  # the start of this chunk is already in the last complete shard
+        skip = max(done - row, 0)  # the start of this batch is already in the last complete shard
         buffer.add({k: v[skip:] for k, v in piece.items()})
         row += n_rows
-        while buffer.rows >= shard_tokens:
-            flush(shard_tokens)
+        while buffer.rows >= job.shard_tokens:
+            flush(job.shard_tokens)
     if buffer.rows:
         flush(buffer.rows)
-    stats_sha = _save(_stats_tensors(stats), {"format": FORMAT, "inputs": inputs}, out / STATS)
+
+
+def write_store(
+    source: Any,
+    prompts: ChatBatch | Mapping[str, ChatBatch | Sequence[str]],
+    out_dir: str | os.PathLike,
+    *,
+    hooks: str | Sequence[str] = ("resid_post",),
+    layers: int | slice | Sequence[int] | None = None,
+    positions: PositionSpec = "all",
+    shard_tokens: int = 65536,
+    dtype: torch.dtype | str = torch.float32,
+    models: Sequence[str] = ("base", "instruct"),
+    batch_size: int = 16,
+    progress: bool = True,
+    distributed: bool = False,
+) -> Store:
+    """Write (or resume writing) the activations of `models` on `prompts` to a store in `out_dir`; the `Store`.
+
+    source: a `ModelPair` (models `"base"`, `"instruct"`; strings in `prompts` are encoded with it) or a
+    `{name: model}` mapping of hooked models with the same layers and width.
+    prompts: a ChatBatch, or `{set name: ChatBatch or list of instructions}`; rows follow set, prompt, position.
+    hooks, layers: as `probes.activations.record` (short names or templates with `{layer}`; None = all layers).
+    positions: `"all"` (every real token of every prompt, padded batches included) or a spec `record` accepts
+    (`"post_instruction"`, `"user[-1]"`, `"mean(user)"`, a list of these): one row per prompt and column.
+    shard_tokens: rows per shard; memory holds at most one shard plus one batch of rows.
+    dtype: float32 or bfloat16 (activations are captured in float32 and cast when stored).
+    batch_size: prompts per forward; part of the spec, since batch composition decides the last bits of a float.
+    Each batch runs through every model in turn (so rows pair up without holding a model's whole output); with an
+    offloaded pair that moves each model to the device once per batch.
+    distributed: under torchrun (every rank calling with the same arguments), each rank runs a contiguous share
+    of the batches and writes its own shards in `out_dir/rank-NNNNN/`; rank 0 writes the manifest and the
+    statistics when all are done, and every rank returns the whole store, which reads as the single-process store
+    of the same arguments (the module docstring says how). ValueError when some rank would get no batch. Without a
+    launcher (or with one process) it is the plain write.
+    Raises ValueError on bad input before any forward, `StoreError` when `out_dir` holds a store of other
+    inputs or spec (or a damaged shard), FloatingPointError on a non-finite activation.
+    """
+    job = _prepare(source, prompts, hooks, layers, positions, shard_tokens, dtype, models, batch_size)
+    out = Path(out_dir)
+    if distributed:
+        from probes import distributed as dist
+
+        if dist.world_size() > 1:
+            return _write_parts(job, out, progress)
+    return _write_whole(job, out, progress)
+
+
+def _write_whole(job: _Job, out: Path, progress: bool) -> Store:
+    """One process writes (or resumes) every shard."""
+    manifest_path = out / MANIFEST
+    shards: list[dict[str, Any]] = []
+    stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    if manifest_path.is_file():
+        old = _read_manifest(out)
+        diffs = _differences(old["inputs"], job.inputs, "inputs") + _differences(old["spec"], job.spec, "spec")
+        if diffs:
+            raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
+                             "or delete it")
+        if old["complete"]:
+            return Store(out)
+        shards = list(old["shards"])  # resume: keep the complete shards after checking each
+        stats = _resume_stats(out, shards, job.keys())
+    elif out.exists() and any(out.iterdir()):
+        parts = sorted(p.name for p in out.iterdir() if _PART_DIR.match(p.name))
+        if parts:
+            raise StoreError(f"{out} holds the parts of a write by several processes ({', '.join(parts)}), not yet "
+                             "finished: resume it under torchrun with distributed=True and as many processes")
+        raise StoreError(f"{out} is not empty and holds no {MANIFEST}: not a store to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(out)
+
+    def manifest(complete: bool, stats_sha: str | None = None) -> dict[str, Any]:
+        return {"format": FORMAT, "inputs": job.inputs, "spec": job.spec, "sets": job.set_info, "rows": job.total,
+                "complete": complete, "shards": shards, "stats": {"file": STATS, "sha256": stats_sha}}
+
+    _write_json(manifest_path, manifest(False))
+    _fill(job, out, job.plan, 0, shards, stats, lambda: _write_json(manifest_path, manifest(False)), {}, progress,
+          f"store {out.name}")
+    stats_sha = _save(_stats_tensors(stats), {"format": FORMAT, "inputs": job.inputs}, out / STATS)
     _write_json(manifest_path, manifest(True, stats_sha))
     return Store(out)
+
+
+# --- writing from several processes ---------------------------------------------------------------------------
+
+def part_dir(rank: int) -> str:
+    """The folder of a store that rank `rank` of a distributed write writes its shards to."""
+    return f"rank-{rank:05d}"
+
+
+def _part_bounds(job: _Job, world: int) -> list[tuple[int, int]]:
+    """Every rank's batches `plan[b0:b1]`, contiguous and in rank order (ValueError when one would get none)."""
+    from probes.distributed import shard
+
+    bounds = shard(job.plan, rank=0, world_size=world).bounds
+    if any(b0 == b1 for b0, b1 in bounds):
+        raise ValueError(f"{len(job.plan)} batches of up to {job.spec['batch_size']} prompts for {world} processes: "
+                         "every process needs at least one batch (lower batch_size or launch fewer processes)")
+    return bounds
+
+
+def _open_part(job: _Job, out: Path, rank: int, world: int, bounds: list[tuple[int, int]],
+               ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Rank `rank`'s part header, its complete shards and their statistics (a resume), checked against the
+    folder; StoreError when `out` or the part folder holds something else. Reads only: nothing is written."""
+    b0, b1 = bounds[rank]
+    header = {"format": PART_FORMAT, "inputs": job.inputs, "spec": job.spec, "rank": rank, "world_size": world,
+              "batches": [b0, b1], "first_row": sum(p[-1] for p in job.plan[:b0]),
+              "rows": sum(p[-1] for p in job.plan[b0:b1])}
+    if (out / MANIFEST).is_file():
+        raise StoreError(f"{out} holds a store written by one process, not finished: resume it with one process "
+                         "(distributed=False)")
+    if out.exists():
+        names = [p.name for p in out.iterdir() if not _TEMPORARY.match(p.name)]
+        foreign = [n for n in names if not (_PART_DIR.match(n) and (out / n).is_dir())]
+        if foreign:
+            raise StoreError(f"{out} is not empty ({', '.join(sorted(foreign)[:3])}) and holds no {MANIFEST}: "
+                             "not a store to resume")
+        extra = sorted(n for n in names if int(n[len("rank-"):]) >= world)
+        if extra:
+            raise StoreError(f"{out} holds parts of a write by more processes ({', '.join(extra)}): relaunch with "
+                             "as many processes as wrote it")
+    folder = out / part_dir(rank)
+    path = folder / PART
+    if not path.is_file():
+        if folder.exists() and any(not _TEMPORARY.match(p.name) for p in folder.iterdir()):
+            raise StoreError(f"{folder} holds files but no {PART}: not a part to resume")
+        return header, [], {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as exc:
+        raise StoreError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(old, dict) or old.get("format") != PART_FORMAT:
+        raise StoreError(f"{path}: not a {PART_FORMAT} file")
+    if old.get("world_size") != world:
+        raise StoreError(f"{out} was being written by {old.get('world_size')} processes, not {world}: relaunch with "
+                         f"as many")
+    diffs = [d for k in header if k != "shards" for d in _differences(old.get(k), header[k], f"{part_dir(rank)}.{k}")]
+    if diffs:
+        raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
+                         "or delete it")
+    shards = list(old["shards"])
+    return header, shards, _resume_stats(folder, shards, job.keys())
+
+
+def _write_parts(job: _Job, out: Path, progress: bool) -> Store:
+    """Each rank of a torchrun launch writes (or resumes) its share of the batches; rank 0 then writes the
+    manifest and statistics of the whole store.
+
+    Rank r runs the contiguous batches `plan[b0:b1]` (`probes.distributed.shard` over the batches of all sets
+    in order, so the ranks' rows are contiguous runs of the store's rows in rank order) and writes them as
+    `rank-0000r/shard-*.safetensors` with their global prompt ids, listed in `rank-0000r/part.json` after each
+    shard, as one process lists its shards. Every batch is one that a single process runs, so every stored value
+    is bitwise a single process's. When every part is done, each rank's shard list and float64 (count, mean,
+    M2) are gathered to rank 0 in rank order and combined there with `combine` (the parallel Welford update;
+    a float64 all-reduce would need raw power sums, which cancel), and rank 0 writes `stats.safetensors` and
+    `manifest.json`, whose shards are every part's in rank order. Its inputs and spec are those of a single
+    process's store on the same arguments. Checks of the folder run on every rank before any forward and are
+    shared, so every rank raises the same StoreError.
+    """
+    from probes import distributed as dist
+
+    rank, world = dist.rank(), dist.world_size()
+    bounds = _part_bounds(job, world)
+    if (out / MANIFEST).is_file():
+        old = _read_manifest(out)
+        diffs = _differences(old["inputs"], job.inputs, "inputs") + _differences(old["spec"], job.spec, "spec")
+        if diffs:
+            raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
+                             "or delete it")
+        if old["complete"]:
+            return Store(out)
+    problem = None
+    try:
+        header, shards, stats = _open_part(job, out, rank, world, bounds)
+    except StoreError as exc:
+        problem = f"rank {rank}: {exc}"
+    problems = [p for p in dist.all_gather_object(problem) if p]
+    if problems:
+        raise StoreError("; ".join(problems))
+
+    folder = out / part_dir(rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(folder)
+    path = folder / PART
+
+    def save(complete: bool = False) -> None:
+        _write_json(path, {**header, "complete": complete, "shards": shards})
+
+    save()
+    b0, b1 = bounds[rank]
+    _fill(job, folder, job.plan[b0:b1], header["first_row"], shards, stats, save, {"rank": rank},
+          progress and dist.is_main(), f"store {out.name} (rank {rank} of {world})")
+    save(True)
+
+    parts = dist.gather_object((shards, stats))  # rank order
+    problem = None
+    if rank == 0:
+        try:
+            _finish_parts(job, out, parts, bounds)
+        except StoreError as exc:
+            problem = str(exc)
+    problem = dist.all_gather_object(problem)[0]  # also the barrier: the manifest is written when this returns
+    if problem:
+        raise StoreError(problem)
+    return Store(out)
+
+
+def _finish_parts(job: _Job, out: Path, parts: list[Any], bounds: list[tuple[int, int]]) -> None:
+    """Rank 0: the whole store's manifest and statistics from every rank's shards and statistics."""
+    _clean_temporaries(out)
+    shards: list[dict[str, Any]] = []
+    stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+    writers = []
+    for rank, (part_shards, part_stats) in enumerate(parts):
+        d = part_dir(rank)
+        for entry in part_shards:
+            if not (out / d / entry["file"]).is_file():
+                raise StoreError(f"{out / d / entry['file']}: rank {rank}'s shard is not visible to rank 0 (is "
+                                 f"{out} on a file system every rank shares?)")
+            shards.append({**entry, "file": f"{d}/{entry['file']}"})
+        for k, part in part_stats.items():
+            stats[k] = combine(stats[k], part) if k in stats else part
+        writers.append({"rank": rank, "dir": d, "batches": list(bounds[rank]), "shards": len(part_shards),
+                        "rows": sum(s["rows"] for s in part_shards)})
+    stats_sha = _save(_stats_tensors(stats), {"format": FORMAT, "inputs": job.inputs}, out / STATS)
+    _write_json(out / MANIFEST, {"format": FORMAT, "inputs": job.inputs, "spec": job.spec, "sets": job.set_info,
+                                 "rows": job.total, "complete": True, "shards": shards,
+                                 "stats": {"file": STATS, "sha256": stats_sha}, "writers": writers})
 
 
 # --- reading --------------------------------------------------------------------------------------------------
@@ -467,7 +703,25 @@ class Store:
             done = sum(s["rows"] for s in self.manifest["shards"])
             raise StoreError(f"{self.path}: incomplete store ({done} of {self.manifest['rows']} rows); resume it with "
                              "write_store on the same inputs, or open it with allow_partial=True")
+        self._check_shard_list()
         self._stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] | None = None
+
+    def _check_shard_list(self) -> None:
+        """Shards are files inside the store (at its top, or in one rank's folder of a distributed write) whose
+        rows follow one another without a gap."""
+        first = 0
+        where = self.path / MANIFEST
+        for i, entry in enumerate(self.manifest["shards"]):
+            name = PurePosixPath(str(entry.get("file", "")))
+            inside = len(name.parts) == 1 or (len(name.parts) == 2 and _PART_DIR.match(name.parts[0]))
+            if not inside or not re.match(r"^shard-\d{5}\.safetensors$", name.name):
+                raise StoreError(f"{where}: shard {i} is {str(name)!r}, not a shard file of this store")
+            if entry.get("first_row") != first:
+                raise StoreError(f"{where}: shard {i} starts at row {entry.get('first_row')}, not {first}: the shard "
+                                 "list has a gap or is out of order")
+            first += int(entry["rows"])
+        if self.manifest["complete"] and first != self.manifest["rows"]:
+            raise StoreError(f"{where}: complete, but its shards hold {first} of {self.manifest['rows']} rows")
 
     def __repr__(self) -> str:
         s = self.spec
