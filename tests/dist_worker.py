@@ -1,11 +1,16 @@
 """One rank of the data-parallel checks in test_distributed.py (run by `python -m torch.distributed.run`).
 
 Each rank writes what it returned to `<out>/rank<r>.safetensors` + `.json`; the test compares them with one
-process's results. Arguments: <out folder>.
+process's results. Arguments: <out folder> [kill-store]. With `kill-store`, the ranks only write store A to
+`<out>/stores/killed`, and rank `$PROBES_TEST_KILL_RANK` kills itself (SIGKILL) right after writing its second
+shard, before its part file lists it; the full run (without `kill-store`) then resumes that store.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import torch
 torch.set_num_threads(1)
 
 from probes import distributed as dist  # noqa: E402
+from probes import store as S  # noqa: E402
 from probes import toy  # noqa: E402
 from probes.pairs import load_pair  # noqa: E402
 from probes.refusal import Screen, candidates, layer_cutoff, refusal_tokens, sweep  # noqa: E402
@@ -32,6 +38,54 @@ def batches(pair):
                 harmful=pair.encode(harmful[:N_CANDS]), harmless=pair.encode(harmless[:N_CANDS]),
                 harmful_val=pair.encode(toy.prompts("harmful", "val")[:N_VAL]),
                 harmless_val=pair.encode(toy.prompts("harmless", "val")[:N_VAL]))
+
+
+# Two stores: every token (float32, two hooks) and a position spec with a role mean (bfloat16). In batches of 2
+# the sets make 4 + 5 batches: rank 0 takes harmful and harmless[:2], rank 1 harmless[2:] (it starts mid-set).
+STORE_A = dict(hooks=["resid_pre", "resid_post"], layers=[0, 2], shard_tokens=45, batch_size=2, progress=False)
+STORE_B = dict(layers=[1, 3], positions=["post_instruction[-1]", "mean(user)"], shard_tokens=5, batch_size=2,
+               dtype="bfloat16", progress=False)
+
+
+def store_sets() -> dict[str, list[str]]:
+    return {"harmful": toy.prompts("harmful", "train")[:7], "harmless": toy.prompts("harmless", "train")[:10]}
+
+
+@contextlib.contextmanager
+def logged_writes(folder: Path, log: list[str]):
+    """Every file the store code writes, as a path relative to `folder`."""
+    real_save, real_json = S._save, S._write_json
+
+    def save(tensors, meta, path):
+        log.append(Path(path).relative_to(folder).as_posix())
+        return real_save(tensors, meta, path)
+
+    def write_json(path, data):
+        log.append(Path(path).relative_to(folder).as_posix())
+        return real_json(path, data)
+
+    S._save, S._write_json = save, write_json
+    try:
+        yield
+    finally:
+        S._save, S._write_json = real_save, real_json
+
+
+def kill_store(out: Path) -> None:
+    dist.init()
+    pair = load_pair("toy")
+    if dist.rank() == int(os.environ["PROBES_TEST_KILL_RANK"]):
+        real_save, saves = S._save, [0]
+
+        def save(tensors, meta, path):
+            sha = real_save(tensors, meta, path)
+            saves[0] += 1
+            if saves[0] == 2:  # on disk, not yet listed in part.json
+                os.kill(os.getpid(), signal.SIGKILL)
+            return sha
+
+        S._save = save
+    dist.write_store(pair, store_sets(), out / "stores" / "killed", **STORE_A)
 
 
 def main(out: Path) -> None:
@@ -87,6 +141,20 @@ def main(out: Path) -> None:
                 "screened/scored": fast.scored, "screened/induce_scored": fast.induce_scored}
     facts["screened_passes"] = [fast.forwards, fast.backwards]
 
+    # The store: each rank writes its share; every rank gets the whole store back.
+    stores = out / "stores"
+    log: list[str] = []
+    with logged_writes(stores / "a", log):
+        st = dist.write_store(pair, store_sets(), stores / "a", **STORE_A)
+    facts["store_writes"] = log
+    facts["store_rows"] = [st.rows, len(st), st.complete]
+    S.write_store(pair, store_sets(), stores / "b", distributed=True, **STORE_B)
+    captures, real_capture = [], S._capture
+    S._capture = lambda *a, **k: captures.append(1) or real_capture(*a, **k)
+    dist.write_store(pair, store_sets(), stores / "killed", **STORE_A)  # the relaunch after the kill
+    S._capture = real_capture
+    facts["resume_captures"] = len(captures)
+
     # Every rank opens the same run folder; only rank 0's writes may land there.
     with Run("dist_check", "toy", {"rank_opened": r}, out=out / "run") as run:
         facts["run_dir"] = str(run.dir)
@@ -103,4 +171,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["kill-store"]:
+        kill_store(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

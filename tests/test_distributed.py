@@ -2,12 +2,15 @@
 
 Tolerances: float64 sums and means to 1e-12 relative (only the order chunk sums are added in differs); per-prompt
 activations kept by `record` bitwise (each rank runs the very chunks one process runs); lens and sweep numbers to
-float32 rounding (rtol 1e-6), token ids and ranks exactly.
+float32 rounding (rtol 1e-6), token ids and ranks exactly. The activation store written by 2 ranks reads as one
+process's: every stored value and label bitwise, statistics to float64 rounding (1e-12; they are combined over
+other shard boundaries), and a rank killed mid-write resumes to the bytes of an uninterrupted 2-rank write.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +20,9 @@ import pytest
 import torch
 
 from probes import distributed as dist
+from probes import store as S
 from probes.runs import Run
+from probes.store import Store, StoreError, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,17 +148,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(out: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", **env_extra}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(Path(W.__file__)), str(out), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Both ranks' returns: [(tensors, facts)] in rank order, from one `torchrun --nproc-per-node 2` on gloo."""
+    """Both ranks' returns: [(tensors, facts)] in rank order, from one `torchrun --nproc-per-node 2` on gloo.
+
+    Before it, a short launch writes store A to `stores/killed` until rank 1 kills itself after its second shard
+    (a copy of that folder is kept as `stores/killed_at_kill`); the full launch resumes it."""
     from safetensors.torch import load_file
 
     out = tmp_path_factory.mktemp("dist")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(Path(W.__file__)), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    killed = torchrun(out, "kill-store", PROBES_TEST_KILL_RANK="1")
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-4000:]
+    shutil.copytree(out / "stores" / "killed", out / "stores" / "killed_at_kill")
+    proc = torchrun(out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, [(load_file(str(out / f"rank{r}.safetensors")), json.loads((out / f"rank{r}.json").read_text()))
                  for r in range(2)]
@@ -270,7 +285,7 @@ def test_two_ranks_screened_sweep_equals_one_process(two_ranks, reference):
 def test_two_ranks_only_rank_0_writes_the_run(two_ranks):
     out, ranks = two_ranks
     run = out / "run"
-    assert {p.name for p in out.iterdir()} == {"run", ".run.lock"} | {f"rank{r}.{e}" for r in range(2)
+    assert {p.name for p in out.iterdir()} == {"run", ".run.lock", "stores"} | {f"rank{r}.{e}" for r in range(2)
                                                                     for e in ("json", "safetensors")}
     assert json.loads((run / "results.json").read_text()) == {"rank": 0}
     assert (run / "direct.txt").read_text() == "0"
@@ -278,3 +293,150 @@ def test_two_ranks_only_rank_0_writes_the_run(two_ranks):
     assert config["rank_opened"] == 0 and config["world_size"] == 2
     assert ranks[0][1]["run_dir"] == str(out / ".run.partial") and not (out / ".run.partial").exists()
     assert not ranks[1][1]["run_dir"].startswith(str(out)) and not ranks[1][1]["run_dir_exists_after"]
+
+
+# ----------------------------------------------------------------------------------- the store from 2 processes
+@pytest.fixture(scope="module")
+def one_process_stores(pair, tmp_path_factory):
+    """Stores A and B written by one process, from the same arguments as the workers'."""
+    root = tmp_path_factory.mktemp("one_process")
+    return {name: write_store(pair, W.store_sets(), root / name, **kw) for name, kw in (("a", W.STORE_A),
+                                                                                       ("b", W.STORE_B))}
+
+
+def all_rows(st: Store) -> dict[str, torch.Tensor]:
+    """Every tensor of every row, in store order, shard by shard (so shard boundaries do not matter)."""
+    keys = [k for k in st.shard(0) if not k.startswith("stats/")]
+    return {k: torch.cat([st.shard(i)[k] for i in range(len(st))]) for k in keys}
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_ranks_store_reads_as_one_process(two_ranks, one_process_stores):
+    out, ranks = two_ranks
+    for name in ("a", "b"):
+        got, ref = Store(out / "stores" / name), one_process_stores[name]
+        for k in ("inputs", "spec", "sets", "rows", "format", "complete"):
+            assert got.manifest[k] == ref.manifest[k], (name, k)
+        rows, want = all_rows(got), all_rows(ref)
+        s = got.spec
+        assert sorted(rows) == sorted(want) and len(want) == 4 + 2 * len(s["hooks"]) * len(s["layers"])
+        for k in want:  # activations and labels: bitwise, row by row
+            assert rows[k].dtype == want[k].dtype and torch.equal(rows[k], want[k]), (name, k)
+        # Through the ordinary reader too, batches across the ranks' shards.
+        for hook in got.spec["hooks"]:
+            a, b = [list(s.iter_batches(7, hook=hook)) for s in (got, ref)]
+            assert len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+        for m in got.spec["models"]:
+            for hook in got.spec["hooks"]:
+                for layer in got.spec["layers"]:
+                    assert got.count(m, hook, layer) == ref.count(m, hook, layer) == ref.rows
+                    f64_close(got.mean(m, hook, layer), ref.mean(m, hook, layer))
+                    f64_close(got.var(m, hook, layer), ref.var(m, hook, layer))
+                    x = want[f"{m}/{hook}/{layer}"].double()  # and against torch on the rows themselves
+                    f64_close(got.var(m, hook, layer), x.var(0))
+        # Each rank's shards, in rank order: rank 1 starts inside the harmless set, at its global prompt 2.
+        files = [s["file"] for s in got.manifest["shards"]]
+        n0 = got.manifest["writers"][0]["shards"]
+        assert all(f.startswith("rank-00000/") for f in files[:n0]) and all(f.startswith("rank-00001/")
+                                                                            for f in files[n0:])
+        first = got.shard(n0)
+        assert (int(first["set"][0]), int(first["prompt_id"][0])) == (1, 2)
+        assert [w["batches"] for w in got.manifest["writers"]] == [[0, 5], [5, 9]]
+    for _, facts in ranks:  # every rank returned the whole store
+        assert facts["store_rows"] == [one_process_stores["a"].rows, len(Store(out / "stores" / "a")), True]
+
+
+def test_one_process_reads_and_resumes_the_two_rank_store(two_ranks, pair, monkeypatch):
+    out, _ = two_ranks
+    monkeypatch.setattr(S, "_capture", lambda *a, **k: pytest.fail("a forward ran"))
+    # Complete: the same inputs hash and spec, so one process finds nothing to do.
+    st = write_store(pair, W.store_sets(), out / "stores" / "a", **W.STORE_A)
+    assert st.complete and st.rows == Store(out / "stores" / "a").rows
+    # Unfinished parts are refused by one process, and by a launch of another size, before any forward.
+    at_kill = out / "stores" / "killed_at_kill"
+    with pytest.raises(StoreError, match=r"parts of a write by several processes \(rank-00000, rank-00001\)"):
+        write_store(pair, W.store_sets(), at_kill, **W.STORE_A)
+    job = S._prepare(pair, W.store_sets(), W.STORE_A["hooks"], W.STORE_A["layers"], "all", W.STORE_A["shard_tokens"],
+                     "float32", ("base", "instruct"), W.STORE_A["batch_size"])
+    with pytest.raises(StoreError, match="written by 2 processes, not 3"):
+        S._open_part(job, at_kill, 1, 3, S._part_bounds(job, 3))
+    with pytest.raises(StoreError, match=r"more processes \(rank-00001\)"):
+        S._open_part(job, at_kill, 0, 1, S._part_bounds(job, 1))
+    other = S._prepare(pair, W.store_sets(), ["resid_pre"], [0, 2], "all", 45, "float32", ("base", "instruct"), 2)
+    with pytest.raises(StoreError, match=r"rank-00001\.spec\.hooks"):
+        S._open_part(other, at_kill, 1, 2, S._part_bounds(other, 2))
+
+
+def test_killed_rank_resumes_to_the_same_bytes(two_ranks, pair):
+    out, ranks = two_ranks
+    at_kill = out / "stores" / "killed_at_kill"
+    part1 = json.loads((at_kill / "rank-00001" / "part.json").read_text())
+    assert not (at_kill / "manifest.json").exists() and not part1["complete"]
+    assert [s["file"] for s in part1["shards"]] == [S.shard_name(0)]
+    assert (at_kill / "rank-00001" / S.shard_name(1)).is_file()  # written, never listed: the resume rewrites it
+    # The relaunch ran only rank 1's batches from the one that holds its first unlisted row, in both models.
+    job = S._prepare(pair, W.store_sets(), W.STORE_A["hooks"], W.STORE_A["layers"], "all", W.STORE_A["shard_tokens"],
+                     "float32", ("base", "instruct"), W.STORE_A["batch_size"])
+    b0, b1 = S._part_bounds(job, 2)[1]
+    ends = torch.tensor([p[-1] for p in job.plan[b0:b1]]).cumsum(0)
+    assert ranks[1][1]["resume_captures"] == 2 * int((ends > part1["shards"][0]["rows"]).sum()) < 2 * (b1 - b0)
+    resumed, clean = files_of(out / "stores" / "killed"), files_of(out / "stores" / "a")
+    assert list(resumed) == list(clean)
+    for name in clean:
+        assert resumed[name] == clean[name], name
+
+
+def test_ranks_write_only_their_own_files(two_ranks):
+    out, ranks = two_ranks
+    writes = [facts["store_writes"] for _, facts in ranks]
+    assert set(writes[0]).isdisjoint(writes[1])  # no file written by both ranks
+    assert all(w.startswith("rank-00001/") for w in writes[1])
+    assert [w for w in writes[0] if not w.startswith("rank-00000/")] == ["stats.safetensors", "manifest.json"]
+    for r in range(2):  # the part file, then each shard once and the part file listing it, then "complete"
+        own = [w for w in writes[r] if w.startswith(f"rank-0000{r}/")]
+        part, n = f"rank-0000{r}/part.json", len(own) // 2 - 1
+        assert n >= 3 and own == [part, *(x for i in range(n) for x in (f"rank-0000{r}/{S.shard_name(i)}", part)),
+                                  part]
+    names = set(files_of(out / "stores" / "a"))
+    assert {n for n in names if "/" not in n} == {"manifest.json", "stats.safetensors"}  # no temporaries left
+    assert names == set(writes[0]) | set(writes[1])
+
+
+def test_reader_checks_the_shard_list(two_ranks, tmp_path):
+    out, _ = two_ranks
+    folder = tmp_path / "a"
+    shutil.copytree(out / "stores" / "a", folder)
+    good = json.loads((folder / "manifest.json").read_text())
+    for change, match in [(lambda m: m["shards"][0].update(file="../a/rank-00000/shard-00000.safetensors"),
+                           "not a shard file"),
+                          (lambda m: m["shards"][0].update(file="/tmp/shard-00000.safetensors"), "not a shard file"),
+                          (lambda m: m["shards"][0].update(file="rank-1/shard-00000.safetensors"), "not a shard file"),
+                          (lambda m: m["shards"].reverse(), "has a gap or is out of order"),
+                          (lambda m: m["shards"].pop(), "hold 226 of 249 rows")]:
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        (folder / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(StoreError, match=match):
+            Store(folder)
+
+
+def test_write_store_on_one_process_is_the_plain_store(single, pair, tmp_path):
+    sets = {"h": W.store_sets()["harmless"][:3]}
+    kw = dict(layers=[1], shard_tokens=20, batch_size=2, progress=False)
+    dist.write_store(pair, sets, tmp_path / "d", **kw)
+    write_store(pair, sets, tmp_path / "p", **kw)
+    assert files_of(tmp_path / "d") == files_of(tmp_path / "p") and not list(tmp_path.glob("d/rank-*"))
+
+
+def test_a_rank_without_a_batch_is_refused_before_any_forward(monkeypatch, pair, tmp_path):
+    monkeypatch.setattr(S, "_capture", lambda *a, **k: pytest.fail("a forward ran"))
+    for r in (0, 15):
+        as_rank(monkeypatch, r, 16)  # no process group: the check needs none
+        with pytest.raises(ValueError, match="9 batches of up to 2 prompts for 16 processes"):
+            dist.write_store(pair, W.store_sets(), tmp_path / "s", **W.STORE_A)
+    with pytest.raises(ValueError, match="batch_size"):
+        dist.write_store(pair, W.store_sets(), tmp_path / "s", **{**W.STORE_A, "batch_size": 0})
+    assert not (tmp_path / "s").exists()
