@@ -6,7 +6,8 @@ Models: the toy instruct model (its train / val splits, if its weights are there
 Llama (30 layers, d_model 576, 9 heads / 3 KV heads, MLP 1536, vocab 49152) built from a config in a temp folder,
 with the SmolLM2 tokenizer from the shared folder when present (else the tests' tiny tokenizer), and the real
 SmolLM2-135M-Instruct where its pip package is installed; 16+16 train and 8+8 val built-in prompts for both 135M
-models. Each is swept exhaustively and screened on the same candidates. Prints a table and writes it under `## Refusal sweep` in docs/benchmarks.md (that section only).
+models. Each is swept exhaustively and screened on the same candidates. Prints a table and writes it under
+`## Refusal sweep` in docs/benchmarks.md (that section only).
 """
 from __future__ import annotations
 
