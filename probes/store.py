@@ -468,17 +468,25 @@ def write_store(
     return _write_whole(job, out, progress)
 
 
+def _existing(out: Path, job: _Job) -> dict[str, Any] | None:
+    """The manifest of the store in `out`, None when there is none; StoreError when it has other inputs or spec."""
+    if not (out / MANIFEST).is_file():
+        return None
+    old = _read_manifest(out)
+    diffs = _differences(old["inputs"], job.inputs, "inputs") + _differences(old["spec"], job.spec, "spec")
+    if diffs:
+        raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
+                         "or delete it")
+    return old
+
+
 def _write_whole(job: _Job, out: Path, progress: bool) -> Store:
     """One process writes (or resumes) every shard."""
     manifest_path = out / MANIFEST
     shards: list[dict[str, Any]] = []
     stats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
-    if manifest_path.is_file():
-        old = _read_manifest(out)
-        diffs = _differences(old["inputs"], job.inputs, "inputs") + _differences(old["spec"], job.spec, "spec")
-        if diffs:
-            raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
-                             "or delete it")
+    old = _existing(out, job)
+    if old is not None:
         if old["complete"]:
             return Store(out)
         shards = list(old["shards"])  # resume: keep the complete shards after checking each
@@ -585,14 +593,9 @@ def _write_parts(job: _Job, out: Path, progress: bool) -> Store:
 
     rank, world = dist.rank(), dist.world_size()
     bounds = _part_bounds(job, world)
-    if (out / MANIFEST).is_file():
-        old = _read_manifest(out)
-        diffs = _differences(old["inputs"], job.inputs, "inputs") + _differences(old["spec"], job.spec, "spec")
-        if diffs:
-            raise StoreError(f"{out} holds a store of other inputs or spec ({', '.join(diffs)}); write to a new folder "
-                             "or delete it")
-        if old["complete"]:
-            return Store(out)
+    old = _existing(out, job)
+    if old is not None and old["complete"]:
+        return Store(out)
     problem = None
     try:
         header, shards, stats = _open_part(job, out, rank, world, bounds)
