@@ -361,3 +361,28 @@ def test_reader_bad_input(tmp_path, llama_pair):
     with pytest.raises(IndexError):
         st.shard(len(st))
     assert "Store(" in repr(st) and "rows=" in repr(st)
+
+
+def test_offloaded_and_device_mapped_pairs_store_the_same_bytes(tmp_path, llama_pair, tiny_pair_dirs):
+    """A pair loaded with `offload=True` (each model moved to the device per batch) or `device_map="auto"`
+    (accelerate's placement; all on the CPU here) writes the very shards a plainly loaded pair writes; the screened
+    refusal sweep on the device-mapped instruct model scores the same cells to the same numbers."""
+    from probes.refusal import Screen, candidates, layer_cutoff, refusal_tokens, sweep
+
+    kw = dict(hooks=["resid_post"], shard_tokens=16, batch_size=2, progress=False)
+    plain = write_store(llama_pair, {"chat": PROMPTS}, tmp_path / "plain", **kw)
+    for name, extra in (("offload", dict(device="cpu", offload=True)), ("auto", dict(device_map="auto"))):
+        pair = load_pair(*tiny_pair_dirs["llama"], **extra)
+        st = write_store(pair, {"chat": PROMPTS}, tmp_path / name, **kw)
+        assert st.spec == plain.spec and len(st) == len(plain) > 1
+        for i in range(len(st)):
+            assert (tmp_path / name / S.shard_name(i)).read_bytes() == (tmp_path / "plain" / S.shard_name(i)).read_bytes()
+        if name == "auto":
+            harm, less = pair.encode(PROMPTS[:3]), pair.encode(PROMPTS[2:])
+            ids = refusal_tokens(pair.tokenizer, ["sorry", "cannot"])
+            got, ref = ({k: getattr(sweep(m, candidates(m, harm, less, progress=False), harm, less, ids, progress=False,
+                                          screen=Screen(kl_max=10.0, induce_min=-100.0), layer_bound=layer_cutoff(3)), k)
+                         for k in ("bypass", "kl", "scored")} for m in (pair.instruct, llama_pair.instruct))
+            assert torch.equal(got["scored"], ref["scored"]) and bool(ref["scored"].any())
+            for k in ("bypass", "kl"):
+                torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0, equal_nan=True)
