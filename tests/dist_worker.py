@@ -1,7 +1,8 @@
 """One rank of the data-parallel checks in test_distributed.py (run by `python -m torch.distributed.run`).
 
 Each rank writes what it returned to `<out>/rank<r>.safetensors` + `.json`; the test compares them with one
-process's results. Arguments: <out folder> [kill-store]. With `kill-store`, the ranks only write store A to
+process's results. Arguments: <out folder> [kill-store | means]. With `means` (the `accelerate launch` check), the
+ranks only record the data-parallel resid_pre means. With `kill-store`, the ranks only write store A to
 `<out>/stores/killed`, and rank `$PROBES_TEST_KILL_RANK` kills itself (SIGKILL) right after writing its second
 shard, before its part file lists it; the full run (without `kill-store`) then resumes that store.
 """
@@ -170,8 +171,22 @@ def main(out: Path) -> None:
     (out / f"rank{r}.json").write_text(json.dumps(facts))
 
 
+def means_only(out: Path) -> None:
+    """The data-parallel resid_pre sums of the record set, as `main` records them first."""
+    assert dist.init(), "not launched with RANK / WORLD_SIZE"
+    pair = load_pair("toy")
+    means = dist.record(pair.instruct, batches(pair)["record"], "resid_pre", None, "post_instruction",
+                        batch_size=BATCH, keep="mean", progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"sum": means.sums["resid_pre"].contiguous()}, str(out / f"means{dist.rank()}.safetensors"))
+    (out / f"means{dist.rank()}.json").write_text(json.dumps({"world_size": dist.world_size(), "count": means.count}))
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["kill-store"]:
         kill_store(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["means"]:
+        means_only(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))

@@ -224,6 +224,24 @@ def test_two_ranks_collectives_and_shards(two_ranks, reference):
     assert ranks[0][1]["gather"] == [{"rank": 0}, {"rank": 1}] and ranks[1][1]["gather"] is None
 
 
+def test_accelerate_launch_runs_the_same_data_parallel_record(tmp_path, reference):
+    """`accelerate launch --multi_gpu --num_processes 2` (on CPU it starts torch.distributed.run, gloo): the same
+    float64 sums as one process."""
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(Path(W.__file__)), str(tmp_path), "means"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in range(2):
+        assert json.loads((tmp_path / f"means{r}.json").read_text())["world_size"] == 2
+        f64_close(load_file(str(tmp_path / f"means{r}.safetensors"))["sum"], reference[0]["record_mean/sum"])
+
+
 def test_two_ranks_record_equals_one_process(two_ranks, reference):
     _, ranks = two_ranks
     ref, _, b = reference
