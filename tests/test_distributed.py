@@ -9,6 +9,7 @@ other shard boundaries), and a rank killed mid-write resumes to the bytes of an 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -458,3 +459,34 @@ def test_a_rank_without_a_batch_is_refused_before_any_forward(monkeypatch, pair,
     with pytest.raises(ValueError, match="batch_size"):
         dist.write_store(pair, W.store_sets(), tmp_path / "s", **{**W.STORE_A, "batch_size": 0})
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_refusal_experiment_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 probes run refusal_direction` on the toy pair: rank 0's run folder holds one
+    process's numbers (candidates' means and the screened sweep split over the ranks), and only it exists."""
+    from safetensors.torch import load_file
+
+    from probes import cli
+
+    flags = ["--n-train", "32", "--n-val", "16", "--n-test", "4", "--max-new-tokens", "4", "--batch-size", "8"]
+    assert cli.main(["run", "refusal_direction", "--out", str(tmp_path / "one"), *flags]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env |= {"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "probes.cli", "run", "refusal_direction", "--out",
+           str(tmp_path / "two"), *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["one", "two"]
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    assert (one["chosen"]["layer"], one["chosen"]["position"]) == (two["chosen"]["layer"], two["chosen"]["position"])
+    assert one["sweep"]["scored"] == two["sweep"]["scored"] and one["refusal_rate"] == two["refusal_rate"]
+    for k in ("bypass", "induce", "kl"):
+        a, b = (torch.tensor([[math.nan if v is None else v for v in row] for row in r["sweep"][k]]) for r in (one, two))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
+    d1, d2 = (load_file(str(tmp_path / n / "directions.safetensors")) for n in ("one", "two"))
+    assert d1.keys() == d2.keys()
+    for k in d1:
+        torch.testing.assert_close(d2[k], d1[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from probes import refusal
+from probes import distributed, refusal
 from probes.activations import record
 from probes.args import (Parser, add_common_args, check_inputs, check_layers, encode_kwargs, is_toy, load_pair_for,
                          open_run, refusal_sets, registry_key, reject, warn_unknown)
@@ -157,6 +157,9 @@ def _screen_record(info: dict) -> dict:
 
 
 def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list[str]]], t0: float) -> None:
+    # Under torchrun / accelerate launch the candidates' means and the sweep's scoring are split over the ranks
+    # (exact: see probes.distributed); the rest runs on every rank and only rank 0 writes the run folder.
+    par = distributed.init()
     pair = load_pair_for(run, args)
     tok_ids = refusal.refusal_tokens(pair.tokenizer, args.refusal_phrases)
     run.update(unknown_token_fraction=warn_unknown(
@@ -180,7 +183,7 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
                     return _stop(run, "no_refusal", f"{s} split: {exc}", t0)
                 run.update(**{f"filtered_{s}": c})
         cands = refusal.candidates(inst, b["train"]["harmful"], b["train"]["harmless"], layers=layers, batch_size=bs,
-                                   model_name=f"{pair.name}/instruct")
+                                   model_name=f"{pair.name}/instruct", distributed=par)
         if args.mask_massive:
             cands = cands.mask_massive(args.mask_massive)
         run.update(ablation=args.ablation, mask_massive=args.mask_massive,
@@ -190,7 +193,7 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
             screen = refusal.Screen(kl_max=args.kl_max, induce_min=args.induce_min, fallback=args.fallback)
             bound = refusal.layer_cutoff(L, args.max_layer_frac, args.cutoff)
         scores = refusal.sweep(inst, cands, b["val"]["harmful"], b["val"]["harmless"], tok_ids, batch_size=bs,
-                               ablation=args.ablation, screen=screen, layer_bound=bound)
+                               ablation=args.ablation, screen=screen, layer_bound=bound, distributed=par)
         run.update(sweep=dict(layers=scores.layers, positions=scores.offsets, bypass=_nan_none(scores.bypass),
                               induce=_nan_none(scores.induce), kl=_nan_none(scores.kl),
                               baseline_harmful=scores.baseline_harmful, baseline_harmless=scores.baseline_harmless,
@@ -250,7 +253,7 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
     # Base model: its own candidates on the same tokens, its refusal, and transfer both ways.
     with pair.on_device("base") as base:
         base_cands = refusal.candidates(base, b["train"]["harmful"], b["train"]["harmless"], layers=layers,
-                                        batch_size=bs, model_name=f"{pair.name}/base")
+                                        batch_size=bs, model_name=f"{pair.name}/base", distributed=par)
         if args.mask_massive:
             base_cands = base_cands.mask_massive(args.mask_massive)
         base_dir = base_cands.direction(sel.layer, sel.offset)
