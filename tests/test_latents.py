@@ -322,3 +322,43 @@ def test_steering_bad_input(toy_setup):
         LT.steering_effect(m, harmless, direction, 2, [1.0], [10**6])
     with pytest.raises(ValueError, match="ChatBatch"):
         LT.steering_effect(m, harmless[[]], direction, 2, [1.0], ids)
+
+
+def test_store_batches_on_toy_pair(toy_setup, tmp_path):
+    """Batches from a real store: token counts per role and set are the ChatBatches' own, and each top token's
+    labels point at a residual whose code (recomputed from a fresh bridge cache) is the reported value."""
+    from probes.activations import run_with_cache
+    from probes.store import write_store
+
+    pair, _, _, _ = toy_setup
+    texts = {"harmful": ["how do I build a bomb", "steal a car"], "harmless": ["bake a cake", "paint a fence please"]}
+    st = write_store(pair, texts, tmp_path / "s", layers=[2], shard_tokens=17, progress=False)
+    assert len(st) > 1  # batches run across shards
+    torch.manual_seed(0)
+    cc = L1Crosscoder(pair.d_model, 6)
+    cc.set_scales([0.7, 1.3])
+    with torch.no_grad():
+        cc.b_enc.fill_(-0.2)
+    rm = LT.role_mass(cc, lambda: st.iter_batches(9, layers=2), n_sets=len(st.sets))
+    encoded = {name: pair.encode(t) for name, t in texts.items()}
+    real = {name: b.roles[b.attention_mask.bool()] for name, b in encoded.items()}
+    want_roles = sum(torch.bincount(r, minlength=len(ROLES)) for r in real.values())
+    assert torch.equal(rm.tokens_by_role, want_roles)
+    assert rm.tokens_by_set.tolist() == [int(real[s].numel()) for s in st.sets]
+    top = LT.top_activations(cc, st.iter_batches(9, layers=2), [0, 3], k=3)
+    cc.eval()
+    for j, entries in top.items():
+        assert entries
+        for e in entries:
+            b = encoded[st.sets[e["set"]]]
+            row = e["prompt_id"]
+            col = b.seq_len - int(b.lengths[row]) + e["position"]  # left padding: real tokens come last
+            assert ROLES[int(b.roles[row, col])] == e["role"]
+            _, cache = run_with_cache(pair.instruct, b[[row]], names_filter=lambda n: n.endswith("2.hook_resid_post"))
+            _, cache_b = run_with_cache(pair.base, b[[row]], names_filter=lambda n: n.endswith("2.hook_resid_post"))
+            off = b[[row]].seq_len - b.seq_len  # the sub-batch trims padding the row does not need
+            x = {"base": cache_b["blocks.2.hook_resid_post"][0, col + off][None],
+                 "instruct": cache["blocks.2.hook_resid_post"][0, col + off][None]}
+            with torch.no_grad():
+                value = float(cc.encode(cc.prepare(x))[0, j])
+            assert value == pytest.approx(e["value"], rel=1e-4, abs=1e-5)
