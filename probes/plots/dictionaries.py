@@ -107,7 +107,22 @@ def nu_scatter(nu_error, nu_recon, kinds: Sequence[str], *, latent_ids=None, del
         fig.add_vline(x=v, line_dash="dot", line_color="grey")
         fig.add_hline(y=v, line_dash="dot", line_color="grey")
     hidden = int((~shown).sum())
-    note = f"{hidden} latent{'s' if hidden != 1 else ''} with no finite ν (never active) not shown" if hidden else ""
+    notes = [f"{hidden} latent{'s' if hidden != 1 else ''} with no finite ν (never active) not shown"] if hidden else []
+    # A latent that barely fires can have a huge ν (a ratio of two tiny β): the axes span the central 98% (and
+    # at least -0.25..1.25) so the bulk stays readable; the points outside are counted, and still in the data.
+    ranges = []
+    for v in (e[shown], r[shown]):
+        lo, hi = np.quantile(v, [0.01, 0.99]) if len(v) >= 20 else (v.min(), v.max())
+        lo, hi = min(lo, -0.25), max(hi, 1.25)
+        pad = 0.05 * (hi - lo)
+        ranges.append((lo - pad, hi + pad))
+    outside = int(sum(1 for x, y in zip(e[shown], r[shown]) if not (ranges[0][0] <= x <= ranges[0][1]
+                                                                     and ranges[1][0] <= y <= ranges[1][1])))
+    if outside:
+        notes.append(f"{outside} outside the axes' range (zoom out to see them)")
+    note = "; ".join(notes)
+    fig.update_xaxes(range=list(ranges[0]))
+    fig.update_yaxes(range=list(ranges[1]))
     fig.update_layout(
         title=dict(text=(title or f"Latent Scaling of {int(shown.sum())} latents: ν_ε vs ν_r")
                    + (f"<br><sup>{note}</sup>" if note else "")), margin=dict(t=100),
