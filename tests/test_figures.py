@@ -28,6 +28,7 @@ MAIN_JOB_FIGURES = {
                            "region_bars", "patching", "attention_viewer"},
     "refusal_geometry": {"harmfulness_vs_refusal", "harmfulness_steering", "cosmic_scores", "steerability",
                          "steerability_slopes", "frontier", "cone_effects", "repind", "cone_training"},
+    "model_diff": {"nu_scatter", "role_mass", "top_tokens", "kl_recovery"},
 }
 
 

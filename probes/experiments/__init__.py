@@ -20,6 +20,8 @@ EXPERIMENTS: dict[str, str] = {
     "template_attention": "attention of template tokens onto each prompt region; head ranking; head patching",
     "refusal_geometry": "refusal beyond one direction: harmfulness vs refusal, COSMIC selection, per-prompt "
                         "steerability, the refusal-KL frontier, refusal cones",
+    "model_diff": "model diffing with dictionaries: BatchTopK / L1 crosscoders, Latent Scaling, a diff-SAE; "
+                  "latents by chat-template role, refusal alignment, KL-gap recovery",
 }
 
 
