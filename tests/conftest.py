@@ -33,3 +33,17 @@ def llama(tiny_pair_dirs):
 
     folder = tiny_pair_dirs["llama"][1]
     return load_model(folder, device="cpu"), tiny.hf_model(folder)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Skip where headless Chromium or Playwright is absent; fail instead when PROBES_REQUIRE_BROWSER=1 (CI)."""
+    from probes.browser import BrowserUnavailable, find_chromium
+
+    try:
+        find_chromium()
+        import playwright  # noqa: F401
+    except (BrowserUnavailable, ImportError) as exc:
+        if os.environ.get("PROBES_REQUIRE_BROWSER") == "1":
+            raise
+        pytest.skip(f"no headless browser here: {exc}")

@@ -5,7 +5,6 @@ with no problem."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -201,20 +200,9 @@ def test_kl_recovery_bars_without_control_and_bad_input():
         kl_recovery_bars(RECOVERY, [])
 
 
-def _browser_or_skip() -> None:
-    from probes.browser import BrowserUnavailable, find_chromium
-
-    try:
-        find_chromium()
-        import playwright  # noqa: F401
-    except (BrowserUnavailable, ImportError) as exc:
-        if os.environ.get("PROBES_REQUIRE_BROWSER") == "1":
-            raise
-        pytest.skip(f"no headless browser here: {exc}")
 
 
-def test_every_dictionary_figure_renders(tmp_path):
-    _browser_or_skip()
+def test_every_dictionary_figure_renders(tmp_path, browser):
     from probes.browser import render
     from probes.runs import FIGURE_CONFIG
 

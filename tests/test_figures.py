@@ -8,14 +8,13 @@ when PROBES_REQUIRE_BROWSER=1 (as in CI).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
 import tiny
-from probes.browser import BrowserUnavailable, figure_files, find_chromium, render
+from probes.browser import figure_files, render
 from probes.plots import token_text
 
 MAIN_JOB_FIGURES = {
@@ -32,20 +31,11 @@ MAIN_JOB_FIGURES = {
 }
 
 
-def _browser_or_skip() -> None:
-    try:
-        find_chromium()
-        import playwright  # noqa: F401
-    except (BrowserUnavailable, ImportError) as exc:
-        if os.environ.get("PROBES_REQUIRE_BROWSER") == "1":
-            raise
-        pytest.skip(f"no headless browser here: {exc}")
 
 
 @pytest.fixture(scope="module")
-def main_job(tmp_path_factory):
+def main_job(tmp_path_factory, browser):
     """`probes run all` on the toy pair, as the README runs it."""
-    _browser_or_skip()
     from probes import cli
 
     out = tmp_path_factory.mktemp("main_job")
@@ -90,10 +80,9 @@ def test_a_figure_copied_away_alone_still_draws(main_job, tmp_path):
     assert not res.problems and res.plots[0]["with_data"] == 3  # bypass, induce, KL
 
 
-def test_long_real_prompt_stays_readable(tmp_path):
+def test_long_real_prompt_stays_readable(tmp_path, browser):
     """A 50-token Qwen2.5 prompt (real tokenizer, ChatML specials, a newline): the lens heatmap widens with the
     tokens and the attention viewer sizes itself; no label is cut off and special tokens read ⟨im_start⟩."""
-    _browser_or_skip()
     import real_tokenizers as rt
 
     rt.require_shared()
