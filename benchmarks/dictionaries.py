@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> str:
                                 f"{secs / args.steps * 1000:.1f} | {rate:,.0f} | {rate / base_rate:.2f}x | {ls} |")
     table = ("| shape | dictionary | tokens per step | CPU ms per step | tokens / CPU s | vs BatchTopK | "
              "Latent Scaling tokens / CPU s |\n|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows_out))
-    body = (f"`python benchmarks/dictionaries.py` — {machine()}, {args.threads} thread(s), {args.steps} Adam steps "
+    body = (f"`python benchmarks/dictionaries.py` — {machine()}, {args.steps} Adam steps "
             "after 5 warm-up steps, float32, random paired activations. One token = one row of both models' "
             "activations (the diff-SAE reads their difference). Latent Scaling: one streamed pass over 8 batches "
             "with every latent's four β accumulated in float64.\n\n" + table + "\n")
