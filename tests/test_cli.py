@@ -22,9 +22,11 @@ def no_model_loads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
 
+    # Import every experiment first: one imported while probes.args is patched would keep `refuse` for good.
+    modules = [experiments.load(name) for name in experiments.EXPERIMENTS]
     monkeypatch.setattr(probes.args, "load_pair_for", refuse)
-    for name in experiments.EXPERIMENTS:
-        monkeypatch.setattr(experiments.load(name), "load_pair_for", refuse)
+    for module in modules:
+        monkeypatch.setattr(module, "load_pair_for", refuse)
 
 
 def run_cli(argv, capsys):
