@@ -557,12 +557,7 @@ def _open_part(job: _Job, out: Path, rank: int, world: int, bounds: list[tuple[i
         if folder.exists() and any(not _TEMPORARY.match(p.name) for p in folder.iterdir()):
             raise StoreError(f"{folder} holds files but no {PART}: not a part to resume")
         return header, [], {}
-    try:
-        old = json.loads(path.read_text())
-    except ValueError as exc:
-        raise StoreError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(old, dict) or old.get("format") != PART_FORMAT:
-        raise StoreError(f"{path}: not a {PART_FORMAT} file")
+    old = _read_json(path, PART_FORMAT, "file")
     if old.get("world_size") != world:
         raise StoreError(f"{out} was being written by {old.get('world_size')} processes, not {world}: relaunch with "
                          f"as many")
@@ -661,12 +656,17 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise StoreError(f"{folder}: no {MANIFEST}, not an activation store")
+    return _read_json(path, FORMAT, "manifest")
+
+
+def _read_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """A JSON object of format `fmt` from `path`; StoreError naming the file otherwise."""
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise StoreError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a {FORMAT} manifest")
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise StoreError(f"{path}: not a {fmt} {what}")
     return data
 
 
