@@ -473,10 +473,13 @@ def record(
     )
 
 
-def record_pair(pair: Any, batch: ChatBatch, *args: Any, **kwargs: Any) -> dict[str, Activations]:
-    """`record` on both models of `pair` on the same tokens: {"base": ..., "instruct": ...}."""
+def record_pair(pair: Any, batch: ChatBatch, *args: Any, recorder: Any = None, **kwargs: Any
+                ) -> dict[str, Activations]:
+    """`record` (or `recorder`, with its signature) on both models of `pair` on the same tokens:
+    {"base": ..., "instruct": ...}."""
+    recorder = recorder or record
     out = {}
     for which in ("base", "instruct"):
         with pair.on_device(which) as model:
-            out[which] = record(model, batch, *args, model_name=f"{pair.name}/{which}", **kwargs)
+            out[which] = recorder(model, batch, *args, model_name=f"{pair.name}/{which}", **kwargs)
     return out

@@ -233,11 +233,7 @@ def record(model: Any, batch: ChatBatch, hooks: str | Sequence[str] = ("resid_po
 
 def record_pair(pair: Any, batch: ChatBatch, *args: Any, **kwargs: Any) -> dict[str, Activations]:
     """`record` (data-parallel) on both models of `pair`: {"base": ..., "instruct": ...}."""
-    out = {}
-    for which in ("base", "instruct"):
-        with pair.on_device(which) as model:
-            out[which] = record(model, batch, *args, model_name=f"{pair.name}/{which}", **kwargs)
-    return out
+    return _activations.record_pair(pair, batch, *args, recorder=record, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- the lens
