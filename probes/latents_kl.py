@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from probes.activations import _StopForward, forward, last_logits
 from probes.chat import ChatBatch
 from probes.dictionaries import BatchTopKCrosscoder, DiffSAE, _Crosscoder
+from probes.refusal import first_token_kl
 
 REFERENCE_SETS: tuple[str, ...] = ("none", "all", "reconstruction", "exact")
 
@@ -115,12 +116,6 @@ def _capture(model: Any, batch: ChatBatch, name: str, stop_at: int | None) -> to
     return got["x"]
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """`[batch]` float64 KL(p ‖ q) from `[batch, vocab]` logits."""
-    lp, lq = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
 def kl_gap_recovery(pair: Any, dictionary: _Crosscoder, batch: ChatBatch, layer: int,
                     latent_sets: Mapping[str, Sequence[int]], *, position: str | int = "post_instruction[-1]",
                     batch_size: int = 8, progress: bool = True) -> KLGapRecovery:
@@ -168,7 +163,13 @@ def kl_gap_recovery(pair: Any, dictionary: _Crosscoder, batch: ChatBatch, layer:
         with pair.on_device("base") as base:
             h_base = _capture(base, sub, hook, stop_at)
         with pair.on_device("instruct") as model:
-            h_inst = _capture(model, sub, hook, stop_at)
+            got: dict[str, torch.Tensor] = {}  # the instruct activation, read in its clean forward
+
+            def grab(act: torch.Tensor, hook: Any) -> None:
+                got["x"] = act.detach().clone()
+
+            p = last_logits(model, sub, [(hook, grab)], position=position, batch_size=len(sub))
+            h_inst = got["x"]
             real = sub.attention_mask.bool().to(h_inst.device)           # [b, seq]
             hb, hi = h_base.to(h_inst.device)[real], h_inst[real]         # [tokens, d]
             with torch.no_grad():
@@ -180,7 +181,6 @@ def kl_gap_recovery(pair: Any, dictionary: _Crosscoder, batch: ChatBatch, layer:
                     deltas[n] = f[:, idx] @ delta_dec[idx]
                 deltas["all"] = f @ delta_dec
                 deltas["reconstruction"] = deltas["all"] + b_delta
-            p = last_logits(model, sub, position=position, batch_size=len(sub))
             for n in names:
                 if n == "exact":
                     spliced_real = hb + (hi - hb)
@@ -195,7 +195,7 @@ def kl_gap_recovery(pair: Any, dictionary: _Crosscoder, batch: ChatBatch, layer:
                     return spliced
 
                 q = last_logits(model, sub, [(hook, put)], position=position, batch_size=len(sub))
-                kls[n].append(_kl(p, q))
+                kls[n].append(first_token_kl(p, q))
     per_prompt = {n: torch.cat(v) for n, v in kls.items()}
     gap = float(per_prompt["none"].mean())
     kl = {n: float(v.mean()) for n, v in per_prompt.items()}
