@@ -705,10 +705,8 @@ def _verify(screen: Screen, est: dict[str, torch.Tensor], valid: torch.Tensor, l
         li, pi = divmod(int(torch.argmin(lo_b.masked_fill(~could, inf))), valid.shape[1])
         if not bool(scored[li, pi]) and int(scored.sum()) + 1 > screen.max_frac * int(valid.sum()):
             exhaustive = True  # the estimates decide too little: every candidate exactly, as the exhaustive sweep
-            for li, pi in torch.nonzero(valid).tolist():
-                for what, done in (("bypass_kl", scored), ("induce", induce_scored)):
-                    if not bool(done[li, pi]):
-                        measure(li, pi, what)
+            for what, done in (("bypass_kl", scored), ("induce", induce_scored)):
+                measure_all(torch.nonzero(valid & ~done).tolist(), what, f"sweep {name} (screened: all {what})")
             break
         measure(li, pi, "induce" if bool(scored[li, pi]) else "bypass_kl")
         bar.update()

@@ -159,7 +159,8 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
              "l1": D.L1Crosscoder(d, n_latents, l1=args.l1),
              "diff_sae": D.DiffSAE(d, n_latents, args.k)}
     records = {name: D.train(dc, train_stream, args.steps, **kw) for name, dc in dicts.items()}
-    quality = {name: dict(fvu=D.fvu(dc, val()), dead=int(D.dead_latents(dc, val()).sum()),
+    deads = {name: D.dead_latents(dc, val()) for name, dc in dicts.items()}
+    quality = {name: dict(fvu=D.fvu(dc, val()), dead=int(deads[name].sum()),
                           final_loss=records[name].loss[-1]) for name, dc in dicts.items()}
     for name, dc in dicts.items():
         run.save_tensors(f"dictionary_{name}", {k: v.detach().contiguous() for k, v in dc.state_dict().items()},
@@ -171,13 +172,12 @@ def compute(run: Run, args: argparse.Namespace, splits: dict[str, dict[str, list
     ls = D.latent_scaling(cc, val())
     kinds = ls.kind
     ids = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in D.KINDS}
-    dead = D.dead_latents(cc, val())
+    dead = deads["batchtopk"]
     chat_only = [i for i in ids["chat-only"] if not bool(dead[i])]
-    l1_kinds = D.classify(D.delta_norm(dicts["l1"]))
     l1_ls = D.latent_scaling(dicts["l1"], val())
     run.update(quality=quality, classes={k: len(v) for k, v in ids.items()},
                classes_alive={k: sum(1 for i in v if not bool(dead[i])) for k, v in ids.items()},
-               l1_classes={k: l1_kinds.count(k) for k in D.KINDS},
+               l1_classes={k: l1_ls.kind.count(k) for k in D.KINDS},
                complete_shrinkage={"batchtopk": int(ls.complete_shrinkage.sum()),
                                    "l1": int(l1_ls.complete_shrinkage.sum())},
                latent_decoupling={"batchtopk": int(ls.latent_decoupling.sum()), "l1": int(l1_ls.latent_decoupling.sum())},
