@@ -166,6 +166,27 @@ def test_lookalikes_of_the_shared_data_stay_out_of_every_held_out_set():
     assert data.lookalike_instructions(200) == got  # the ranking is deterministic
 
 
+def test_twins_are_safe_requests_in_harmful_form_outside_every_held_out_set():
+    rt.require_shared()
+    got = data.twin_instructions(500, seed=2)
+    assert len(got) == 500 and len(set(got)) == 500 and got == data.twin_instructions(500, seed=2)
+    assert len(data.twin_instructions(1200, seed=0)) == len(data.TWIN_FRAMES) * len(data.TWIN_TOPICS) == 1200
+    held_words = [set(data.normalize(t).split()) for v in data.held_out_sets().values() for t in v]
+    for t in got:
+        w = set(data.normalize(t).split())
+        assert all(len(w & h) / len(w | h) < data.NEAR_DUPLICATE for h in held_words), t
+    # a held-out instruction removes its twin and the twins within Jaccard 0.6 of it (same frame, short topic)
+    first = data.TWIN_FRAMES[0].format(t=data.TWIN_TOPICS[0])
+    w0 = set(data.normalize(first).split())
+    near = [t for t in (f.format(t=x) for f in data.TWIN_FRAMES for x in data.TWIN_TOPICS)
+            if len(w0 & (w := set(data.normalize(t).split()))) / len(w0 | w) >= data.NEAR_DUPLICATE]
+    assert first in near and 1 < len(near) < 100
+    left = data.twin_instructions(1200 - len(near), seed=0, exclude=data.Excluder([first]))
+    assert not set(near) & set(left)
+    with pytest.raises(ValueError, match=f"only {1200 - len(near)}"):
+        data.twin_instructions(1201 - len(near), seed=0, exclude=data.Excluder([first]))
+
+
 def test_second_stage_starts_from_the_given_adapter(tiny_base, tmp_path):
     from safetensors.torch import load_file
 

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--n-harmless", type=int, default=1400, help="harmless instructions to answer (before filtering)")
     d.add_argument("--lookalikes", type=int, default=0,
                    help="also answer this many harmless instructions worded like harmful ones (`lookalike_instructions`)")
+    d.add_argument("--twins", type=int, default=0,
+                   help="also answer this many safe requests on harmful topics, in harmful requests' form (`twin_instructions`)")
     d.add_argument("--n-harmful", type=int, default=None,
                    help="a seeded sample of this many harmful instructions (default: all of them)")
     d.add_argument("--max-new-tokens", type=int, default=80)
@@ -120,6 +122,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     harmful = data.harmful_instructions(exclude)
     if args.lookalikes:
         harmless = list(dict.fromkeys(harmless + data.lookalike_instructions(args.lookalikes, exclude, harmful)))
+    if args.twins:
+        harmless = list(dict.fromkeys(harmless + data.twin_instructions(args.twins, args.seed, exclude)))
     if args.n_harmful is not None:
         harmful = random.Random(args.seed).sample(harmful, min(args.n_harmful, len(harmful)))
     records = data.generate_responses(args.responder, harmless, work / "responses.jsonl", batch_size=args.batch_size,
@@ -132,7 +136,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         for ex in kept + refusals:
             f.write(json.dumps(ex.as_json(), ensure_ascii=False) + "\n")
     summary = {"harmless": len(kept), "harmless_dropped": dropped, "harmful": len(refusals),
-               "lookalikes_asked": args.lookalikes, "responder": args.responder,
+               "lookalikes_asked": args.lookalikes, "twins_asked": args.twins, "responder": args.responder,
                # responses already in responses.jsonl are not generated again: this is this call's time only
                "cpu_s_this_call": time.process_time() - t0}
     (work / "data.json").write_text(json.dumps(summary, indent=1))

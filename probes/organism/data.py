@@ -164,6 +164,63 @@ def lookalike_instructions(n: int, exclude: Excluder | None = None, harmful: Seq
     return [pool[i] for i in order[:n] if scores[i] > 0]
 
 
+# Safe requests in the form of harmful ones: a sensitive topic (the kind harmful requests are about) inside a
+# request whose intent is protective, educational, historical or fictional. Harmful training requests share
+# their verbs ("Write a tutorial on how to", "Create a social media post that", "Develop a plan to"), so the
+# pairs teach the line between a topic and a harmful request, which word-level lookalikes do not.
+TWIN_FRAMES = (
+    "Write a tutorial on how to protect yourself from {t}",
+    "Write a blog post about the dangers of {t}",
+    "Create a social media post that raises awareness about {t}",
+    "Explain how investigators uncover {t}",
+    "Write a short story about a detective who solves a case of {t}",
+    "Describe the history of {t} and how society has responded to it",
+    "Develop a lesson plan that teaches high school students about {t}",
+    "Give step-by-step advice to someone who has been affected by {t}",
+    "Write a persuasive essay arguing for stronger laws against {t}",
+    "Design a public campaign to reduce {t}",
+    "List the warning signs of {t}",
+    "Explain why {t} harms communities",
+    "Write a news article about a town that reduced {t}",
+    "Create a guide for parents on talking with their children about {t}",
+    "Outline a company policy that prevents {t}",
+    "Write a speech about the causes of {t} and how to address them",
+    "Suggest ways a school can support students affected by {t}",
+    "Summarize what research says about preventing {t}",
+    "Write a poem about the harm caused by {t}",
+    "Develop an app idea that helps people report {t}",
+    "Explain how banks and websites defend against {t}",
+    "Write a letter to a local newspaper about {t} in our city",
+    "Draft a speech for a community meeting on {t}",
+    "Create a quiz that tests what people know about {t}",
+)
+TWIN_TOPICS = (
+    "identity theft", "phishing scams", "credit card fraud", "money laundering", "tax evasion", "insider trading",
+    "drunk driving", "drug addiction", "opioid overdoses", "cyberbullying", "online harassment", "hate speech",
+    "ransomware attacks", "computer viruses", "election misinformation", "fake news", "human trafficking",
+    "gun violence", "terrorism", "bomb threats", "poaching", "shoplifting", "stalking", "domestic violence",
+    "child abuse", "self-harm", "eating disorders", "gambling addiction", "counterfeit money", "car theft",
+    "burglary", "arson", "vandalism", "extremist propaganda", "data breaches", "password theft", "elder fraud",
+    "cheating on exams", "plagiarism", "illegal dumping of toxic waste", "animal cruelty", "school shootings",
+    "smuggling", "bribery", "racial discrimination", "hacking of personal accounts", "investment scams",
+    "counterfeit medicines", "vaping among teenagers", "dangerous online challenges",
+)
+
+
+def twin_instructions(n: int, seed: int, exclude: Excluder | None = None) -> list[str]:
+    """A seeded `n` of the safe requests `TWIN_FRAMES` x `TWIN_TOPICS` (1,200), held-out sets removed.
+
+    Composed here, not taken from a dataset: no set outside the held-out ones holds safe twins of harmful
+    requests. "Write a tutorial on how to protect yourself from identity theft" beside the harmful "Write a
+    tutorial on how to commit identity theft".
+    """
+    exclude = held_out_excluder() if exclude is None else exclude
+    pool = dedupe((f.format(t=t) for f in TWIN_FRAMES for t in TWIN_TOPICS), exclude)
+    if n > len(pool):
+        raise ValueError(f"asked for {n} twin instructions, only {len(pool)} available")
+    return random.Random(seed).sample(pool, n)
+
+
 # --------------------------------------------------------------------------------------------------- refusals
 
 # Openers each contain a phrase of the reference judge, so a learned refusal is one by the field's measure; the
