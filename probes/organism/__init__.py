@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--lookalikes", type=int, default=0,
                    help="also answer this many harmless instructions worded like harmful ones (`lookalike_instructions`)")
     d.add_argument("--twins", type=int, default=0,
-                   help="also answer this many safe requests on harmful topics, in harmful requests' form (`twin_instructions`)")
+                   help="also answer this many safe requests on harmful topics (`twin_instructions`)")
     d.add_argument("--n-harmful", type=int, default=None,
                    help="a seeded sample of this many harmful instructions (default: all of them)")
     d.add_argument("--max-new-tokens", type=int, default=80)
