@@ -201,3 +201,21 @@ def test_second_stage_starts_from_the_given_adapter(tiny_base, tmp_path):
     with pytest.raises(ValueError, match="this training needs"):
         train.train(train.TrainConfig(base=str(tiny_base), rank=8, alpha=8, init=str(first)), _examples(),
                     tmp_path / "third", progress=False)
+
+
+def test_trained_adapter_carries_its_chat_template(tiny_base, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from probes.adapters import merged_folder
+
+    monkeypatch.setenv("PROBES_CACHE", str(tmp_path / "cache"))
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}U: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}A:{% endif %}")
+    cfg = train.TrainConfig(base=str(tiny_base), chat_template=str(template), batch_size=3, epochs=1.0, warmup=1,
+                            lr=1e-2, rank=4, alpha=8)
+    adapter = train.train(cfg, _examples(), tmp_path / "run", progress=False)
+    assert (adapter / "chat_template.jinja").read_text() == template.read_text()
+    tok = AutoTokenizer.from_pretrained(merged_folder(adapter))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("U: hi\nA:")
