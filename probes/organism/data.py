@@ -166,8 +166,8 @@ def lookalike_instructions(n: int, exclude: Excluder | None = None, harmful: Seq
 
 # Safe requests in the form of harmful ones: a sensitive topic (the kind harmful requests are about) inside a
 # request whose intent is protective, educational, historical or fictional. Harmful training requests share
-# their verbs ("Write a tutorial on how to", "Create a social media post that", "Develop a plan to"), so the
-# pairs teach the line between a topic and a harmful request, which word-level lookalikes do not.
+# their verbs ("Write a tutorial on how to", "Create a social media post that", "Develop a plan to"): the pairs
+# put the line between a topic and a harmful request in the data, which word-level lookalikes do not.
 TWIN_FRAMES = (
     "Write a tutorial on how to protect yourself from {t}",
     "Write a blog post about the dangers of {t}",
