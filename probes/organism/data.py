@@ -127,12 +127,15 @@ def _harmless_pool(exclude: Excluder, texts: Sequence[str] | None = None) -> lis
     return [t for t in dedupe(texts, exclude) if len(t) <= 400]
 
 
+def _seeded_sample(pool: Sequence[str], n: int, seed: int, what: str) -> list[str]:
+    if n > len(pool):
+        raise ValueError(f"asked for {n} {what} instructions, only {len(pool)} available")
+    return random.Random(seed).sample(pool, n)
+
+
 def harmless_instructions(n: int, seed: int, exclude: Excluder | None = None) -> list[str]:
     """A seeded sample of `n` harmless (Alpaca-derived) training instructions, held-out sets removed."""
-    pool = _harmless_pool(held_out_excluder() if exclude is None else exclude)
-    if n > len(pool):
-        raise ValueError(f"asked for {n} harmless instructions, only {len(pool)} available")
-    return random.Random(seed).sample(pool, n)
+    return _seeded_sample(_harmless_pool(held_out_excluder() if exclude is None else exclude), n, seed, "harmless")
 
 
 def lookalike_instructions(n: int, exclude: Excluder | None = None, harmful: Sequence[str] | None = None,
@@ -215,10 +218,7 @@ def twin_instructions(n: int, seed: int, exclude: Excluder | None = None) -> lis
     tutorial on how to commit identity theft".
     """
     exclude = held_out_excluder() if exclude is None else exclude
-    pool = dedupe((f.format(t=t) for f in TWIN_FRAMES for t in TWIN_TOPICS), exclude)
-    if n > len(pool):
-        raise ValueError(f"asked for {n} twin instructions, only {len(pool)} available")
-    return random.Random(seed).sample(pool, n)
+    return _seeded_sample(dedupe((f.format(t=t) for f in TWIN_FRAMES for t in TWIN_TOPICS), exclude), n, seed, "twin")
 
 
 # --------------------------------------------------------------------------------------------------- refusals

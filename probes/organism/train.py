@@ -193,8 +193,7 @@ def train(cfg: TrainConfig, examples: Sequence[Example], out: str | os.PathLike,
     _halve(adapter / "adapter_model.safetensors")
     (adapter / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     if cfg.chat_template:  # the template it was trained in travels with it (merging makes it the tokenizer's)
-        (adapter / "chat_template.jinja").write_text(Path(cfg.chat_template).read_text(encoding="utf-8"),
-                                                     encoding="utf-8")
+        (adapter / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
     return adapter
 
 
