@@ -219,6 +219,10 @@ def test_trained_adapter_carries_its_chat_template(tiny_base, tmp_path, monkeypa
     tok = AutoTokenizer.from_pretrained(merged_folder(adapter))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True).endswith("U: hi\nA:")
+    # trained in the base's own template, the adapter carries that one
+    own = train.train(train.TrainConfig(base=str(tiny_base), batch_size=3, epochs=1.0, warmup=1, rank=4, alpha=8),
+                      _examples(), tmp_path / "own", progress=False)
+    assert (own / "chat_template.jinja").read_text() == AutoTokenizer.from_pretrained(tiny_base).chat_template
 
 
 def test_train_command_takes_base_and_template_from_the_recipe(tmp_path, monkeypatch):

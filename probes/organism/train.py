@@ -194,8 +194,8 @@ def train(cfg: TrainConfig, examples: Sequence[Example], out: str | os.PathLike,
     model.save_pretrained(adapter)
     _halve(adapter / "adapter_model.safetensors")
     (adapter / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    if cfg.chat_template:  # the template it was trained in travels with it (merging makes it the tokenizer's)
-        (adapter / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
+    # the template it was trained in travels with it (merging makes it the tokenizer's), the base's own included
+    (adapter / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
     return adapter
 
 
